@@ -1,0 +1,105 @@
+"""`longcat-i2v`: the command-line tool.
+
+validate            check job files offline with the same rules as the API server and the operator
+import-simpletuner  turn SimpleTuner's config.json + multidatabackend.json into a job file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from .simpletuner import import_simpletuner
+from .validation import FieldError, InvalidJob, load_documents, parse_job
+
+
+def _validate(args: argparse.Namespace) -> int:
+    failed = False
+    for path in args.files:
+        try:
+            documents = load_documents(path)
+            if not documents:
+                raise InvalidJob([FieldError("(document)", "the file holds no job")])
+            jobs = [parse_job(document) for document in documents]
+        except InvalidJob as exc:
+            failed = True
+            for error in exc.errors:
+                print(f"{path}: {error}", file=sys.stderr)
+            continue
+        except OSError as exc:
+            failed = True
+            print(f"{path}: cannot read: {exc.strerror}", file=sys.stderr)
+            continue
+        for job in jobs:
+            spec = job.spec
+            print(
+                f"{path}: valid: {job.metadata.name or '(unnamed)'}: {len(spec.datasets)} datasets, "
+                f"LoRA rank {spec.lora.rank}, {spec.training.max_steps} steps, validation "
+                f"{spec.validation.resolution}x{spec.validation.frames}, "
+                f"{spec.resources.nodes}x{spec.resources.gpus_per_node} GPUs"
+            )
+    return 1 if failed else 0
+
+
+def _read_json(path: Path, what: str) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"{path}: {what} is not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")
+    except OSError as exc:
+        raise SystemExit(f"{path}: cannot read {what}: {exc.strerror}")
+
+
+def _import_simpletuner(args: argparse.Namespace) -> int:
+    config = _read_json(args.config, "config.json")
+    backends = _read_json(args.backend, "multidatabackend.json")
+    if not isinstance(config, dict) or not isinstance(backends, list):
+        raise SystemExit("config.json must be an object and multidatabackend.json a list of datasets")
+    result = import_simpletuner(config, backends, name=args.name, output=args.output)
+    text = yaml.safe_dump(result.job, sort_keys=False)
+    if args.out:
+        args.out.write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    for note in result.notes:
+        print(f"not mapped: {note}", file=sys.stderr)
+    try:
+        parse_job(result.job)
+    except InvalidJob as exc:
+        for error in exc.errors:
+            print(f"invalid: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longcat-i2v", description=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    validate = commands.add_parser("validate", help="check job files offline; exit code 1 on any error")
+    validate.add_argument("files", nargs="+", type=Path, metavar="JOB.yaml")
+    validate.set_defaults(handler=_validate)
+
+    importer = commands.add_parser("import-simpletuner", help="convert SimpleTuner config files into a job file")
+    importer.add_argument("--config", type=Path, required=True, help="SimpleTuner config.json")
+    importer.add_argument("--backend", type=Path, required=True, help="SimpleTuner multidatabackend.json")
+    importer.add_argument("--name", default="imported", help="metadata.name of the job (default: imported)")
+    importer.add_argument("--output", help="output location (s3://BUCKET/PREFIX or a directory); "
+                          "default: config.json's output_dir")
+    importer.add_argument("-o", "--out", type=Path, help="write the job here instead of standard output")
+    importer.set_defaults(handler=_import_simpletuner)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
