@@ -1,0 +1,1 @@
+"""The LongCat-Video image-to-video LoRA trainer that runs in each training pod."""
