@@ -1,0 +1,194 @@
+"""Where a model checkpoint comes from, resolved to a local directory in the official layout.
+
+    /path/to/LongCat-Video            a local directory (used in place)
+    hf://org/repo[@revision]          Hugging Face Hub via huggingface_hub; token from HF_TOKEN (endpoint: HF_ENDPOINT)
+    s3://bucket/prefix                downloaded once into a local cache, checked against the listing, reused
+
+Only the five folders of the layout are fetched. No torch here: the operator's preflight may use it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from longcat_operator.s3 import make_client
+from longcat_operator.storage import ObjectRecord, ObjectStore, S3Store
+
+log = logging.getLogger(__name__)
+
+SUBFOLDERS = ("dit", "vae", "text_encoder", "tokenizer", "scheduler")
+CACHE_ENV = "LONGCAT_MODEL_CACHE"
+DEFAULT_CACHE = Path.home() / ".cache" / "longcat-i2v" / "models"
+CACHE_MANIFEST = ".longcat-source.json"
+PROGRESS_EVERY_S = 10.0
+
+
+class ModelSourceError(ValueError):
+    """A model source that cannot be resolved; the message names the source and what to fix."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: Literal["local", "hf", "s3"]
+    location: str  # local path, hf repo id, or s3 bucket
+    revision: str | None = None  # hf only
+    prefix: str = ""  # s3 only
+
+    @classmethod
+    def parse(cls, source: str) -> ModelSource:
+        if source.startswith("hf://"):
+            repo, _, revision = source[len("hf://") :].partition("@")
+            if repo.count("/") != 1 or not all(repo.split("/")):
+                raise ModelSourceError(f"model source {source!r}: write hf://org/repo or hf://org/repo@revision")
+            return cls("hf", repo, revision or None)
+        if source.startswith("s3://"):
+            bucket, _, prefix = source[len("s3://") :].partition("/")
+            if not bucket:
+                raise ModelSourceError(f"model source {source!r}: write s3://bucket/prefix")
+            return cls("s3", bucket, prefix=prefix.strip("/"))
+        if "://" in source:
+            raise ModelSourceError(f"model source {source!r}: use a local path, hf://org/repo[@rev] or s3://bucket/prefix")
+        return cls("local", source)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+
+
+def resolve_local(path: str) -> Path:
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise ModelSourceError(f"model source {path}: no such directory")
+    return root
+
+
+def fetch_hf(repo_id: str, revision: str | None, cache_dir: Path | None = None) -> Path:
+    """Snapshot of the layout's folders of a Hub repo (files already in the hub cache are not fetched again)."""
+    name = f"hf://{repo_id}" + (f"@{revision}" if revision else "")
+    try:
+        path = snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=[f"{folder}/*" for folder in SUBFOLDERS],
+            cache_dir=cache_dir,
+            token=os.environ.get("HF_TOKEN") or None,
+        )
+    except RevisionNotFoundError:
+        raise ModelSourceError(f"model source {name}: revision {revision!r} does not exist in {repo_id}") from None
+    except GatedRepoError:
+        raise ModelSourceError(
+            f"model source {name}: the repository is gated; accept its terms on the Hub and set HF_TOKEN"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelSourceError(
+            f"model source {name}: repository {repo_id} not found, or private and HF_TOKEN does not grant access"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise ModelSourceError(
+            f"model source {name}: the Hub cannot be reached (or HF_HUB_OFFLINE is set) and no cached copy exists; "
+            "check the network or use an s3:// or local source"
+        ) from None
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "unknown"
+        raise ModelSourceError(f"model source {name}: the Hub answered HTTP {status}") from None
+    return Path(path)
+
+
+def _cache_dir_for(store: ObjectStore, root: Path) -> Path:
+    return root / hashlib.sha256(store.url.encode()).hexdigest()[:16]
+
+
+def _listing(store: ObjectStore) -> dict[str, ObjectRecord]:
+    wanted = tuple(f"{folder}/" for folder in SUBFOLDERS)
+    return {record.key: record for record in store.list() if record.key.startswith(wanted)}
+
+
+def _read_manifest(target: Path) -> dict[str, list]:
+    path = target / CACHE_MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _is_cached(target: Path, manifest: dict[str, list], record: ObjectRecord) -> bool:
+    path = target / record.key
+    return manifest.get(record.key) == [record.size, record.etag] and path.is_file() and path.stat().st_size == record.size
+
+
+def fetch_store(store: ObjectStore, cache: Path) -> Path:
+    """Copy the layout's folders of a store into cache/<hash of its url>/, once.
+
+    The cache's manifest records size and ETag of each file after it is complete. A file is reused when the
+    store still lists it with the same size and ETag and the local file has that size; anything else is
+    fetched again, each GET pinned to the listed ETag so that an object replaced mid-download is refused
+    rather than mixed in. Files the store no longer lists are deleted (a stale shard would be loaded).
+    """
+    listing = _listing(store)
+    missing = [folder for folder in SUBFOLDERS if not any(key.startswith(f"{folder}/") for key in listing)]
+    if missing:
+        raise ModelSourceError(
+            f"model source {store.url}: no {', '.join(m + '/' for m in missing)} under it; upload the checkpoint "
+            f"with its folders {', '.join(s + '/' for s in SUBFOLDERS)}"
+        )
+    target = _cache_dir_for(store, cache)
+    manifest = {key: entry for key, entry in _read_manifest(target).items() if key in listing}
+    todo = [record for key, record in sorted(listing.items()) if not _is_cached(target, manifest, record)]
+    for folder in SUBFOLDERS:
+        for path in (target / folder).rglob("*") if (target / folder).is_dir() else ():
+            if path.is_file() and path.relative_to(target).as_posix() not in listing:
+                path.unlink()
+    if not todo:
+        log.info("model %s: using the cached copy in %s", store.url, target)
+        return target
+    total = sum(record.size for record in todo)
+    done, started, last_report = 0, time.monotonic(), 0.0
+    log.info("model %s: fetching %d files (%.2f GB) into %s", store.url, len(todo), total / 1e9, target)
+    for record in todo:
+        dest = target / record.key
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(dest.name + ".partial")
+        store.download(record.key, partial, etag=record.etag)
+        if partial.stat().st_size != record.size:
+            raise ModelSourceError(
+                f"model source {store.url}: {record.key} arrived with {partial.stat().st_size} bytes, "
+                f"the listing says {record.size}; run again to retry"
+            )
+        partial.replace(dest)
+        manifest[record.key] = [record.size, record.etag]
+        (target / CACHE_MANIFEST).write_text(json.dumps(manifest, indent=0, sort_keys=True))
+        done += record.size
+        now = time.monotonic()
+        if now - last_report >= PROGRESS_EVERY_S or done == total:
+            rate = done / max(now - started, 1e-6)
+            eta = (total - done) / rate if rate else float("inf")
+            log.info("model %s: %.2f/%.2f GB, %.1f MB/s, ETA %.0fs", store.url, done / 1e9, total / 1e9, rate / 1e6, eta)
+            last_report = now
+    return target
+
+
+def s3_store(bucket: str, prefix: str) -> ObjectStore:
+    """The store of an s3:// source, through the project's one S3 client configuration (AWS_* environment)."""
+    return S3Store(make_client(), bucket, prefix, what=f"model source s3://{bucket}/{prefix}")
+
+
+def resolve_model_source(source: str, *, cache: Path | None = None) -> Path:
+    """Local directory holding the checkpoint named by `source` (see the module docstring)."""
+    parsed = ModelSource.parse(source)
+    if parsed.kind == "local":
+        return resolve_local(parsed.location)
+    if parsed.kind == "hf":
+        return fetch_hf(parsed.location, parsed.revision, cache_dir=cache)
+    return fetch_store(s3_store(parsed.location, parsed.prefix), cache or cache_root())
