@@ -1,0 +1,96 @@
+"""Training batches from the caches: the same epoch order on every rank, each rank its share, read ahead.
+
+The data position is (epoch, index of this rank's next batch); saved in checkpoints, so a resumed job
+continues with exactly the batch it would have trained on next.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from longcat_operator.storage import ObjectStore
+
+from ..cache import TrainSample, read_entry, text_batch
+from ..data.reader import shard
+from ..data.video import Bucket
+
+
+def epoch_batches(samples: list[TrainSample], batch_size: int, seed: int, epoch: int) -> list[list[TrainSample]]:
+    """One epoch's batches, the same on every rank: a seeded shuffle, then batches of one bucket each.
+
+    A bucket's last incomplete batch of the epoch is dropped (its samples come in other epochs' batches).
+    """
+    order = list(samples)
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    by_bucket: dict[Bucket, list[TrainSample]] = {}
+    batches = []
+    for sample in order:
+        group = by_bucket.setdefault(sample.bucket, [])
+        group.append(sample)
+        if len(group) == batch_size:
+            batches.append(list(group))
+            group.clear()
+    return batches
+
+
+def load_batch(batch: list[TrainSample], stores: dict[str, ObjectStore]) -> dict[str, torch.Tensor]:
+    """Clip latents [B, C, T, H, W], start-frame latents [B, C, 1, H, W], caption states and mask."""
+    clips, starts, texts = [], [], []
+    for sample in batch:
+        clips.append(read_entry(stores[sample.clip.store], sample.clip.key)["latents"])
+        starts.append(read_entry(stores[sample.start.store], sample.start.key)["latents"])
+        texts.append(read_entry(stores[sample.text.store], sample.text.key))
+    states, mask = text_batch(texts)
+    return {"clip": torch.stack(clips), "start": torch.stack(starts), "text": states, "text_mask": mask}
+
+
+class BatchStream:
+    """This rank's batches, epoch after epoch, from a saved position; the next batches load in a thread."""
+
+    AHEAD = 2
+
+    def __init__(
+        self, samples: list[TrainSample], stores: dict[str, ObjectStore], *, batch_size: int, seed: int,
+        rank: int, world_size: int, epoch: int = 0, index: int = 0,
+    ) -> None:
+        self.samples, self.stores = samples, stores
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.epoch, self.index = epoch, index  # position of the next batch handed out
+        self.wait_seconds = 0.0
+        if not epoch_batches(samples, batch_size, seed, 0):
+            raise ValueError(
+                f"no bucket holds {batch_size} samples: lower spec.training.batchSize or add clips of the same shape"
+            )
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="batches")
+        self._ahead: list[tuple[int, int, Future[dict[str, torch.Tensor]]]] = []
+        self._positions = self._walk(epoch, index)
+
+    def _walk(self, epoch: int, index: int) -> Iterator[tuple[int, int, list[TrainSample]]]:
+        while True:
+            mine = shard(epoch_batches(self.samples, self.batch_size, self.seed, epoch), self.rank, self.world_size,
+                         seed=self.seed, epoch=epoch)
+            for i in range(index, len(mine)):
+                yield epoch, i, mine[i]
+            epoch, index = epoch + 1, 0
+
+    def next(self) -> dict[str, torch.Tensor]:
+        while len(self._ahead) < self.AHEAD:
+            epoch, index, batch = next(self._positions)
+            self._ahead.append((epoch, index, self._pool.submit(load_batch, batch, self.stores)))
+        epoch, index, future = self._ahead.pop(0)
+        started = time.monotonic()
+        batch = future.result()
+        self.wait_seconds += time.monotonic() - started
+        self.epoch, self.index = epoch, index + 1
+        return batch
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,161 @@
+"""Clips and start frames as tensors: PyAV decode, temporal sampling, aspect buckets, resize and center crop.
+
+Temporal sampling: a training clip is its first `frames` consecutive decoded frames, at the clip's own
+frame rate (no resampling). The start frame of an image-to-video pair is the picture the clip starts from,
+so the clip is taken from its frame 0. A clip with fewer frames is skipped (`ClipTooShort`), never padded.
+
+Aspect buckets: every clip is resized (keeping its aspect, covering the bucket) and center-cropped to a
+bucket whose sides are multiples of `aspectBucketAlignment` (always a multiple of 16, as the VAE's 8x and
+the DiT's 2x2 patches need), with a pixel count near the target of the dataset's `resolution`:
+
+    target pixels = resolution^2 * 832/480      (the model's native 480x832 frame, scaled to the short side)
+    buckets       = every (height, width) on the alignment grid with aspect between 1:4 and 4:1 whose pixel
+                    count is within 10% of the target (for each height, the widths just below and above
+                    target/height)
+    a clip's bucket = the one closest to the clip's aspect ratio (in log ratio), ties to the nearer pixel count
+
+For resolution 480 and alignment 64 the target is 399,360 pixels and the buckets near LongCat's native
+shape are 448x832 (372,736 px), 512x832 (425,984), 448x896 and 512x768; 480x832 itself is not on the
+64 grid (480 = 7.5 x 64), and a 480x832 clip lands in 512x832 (aspect 1.625 vs 1.733; 448x832 is 1.857).
+Portrait clips get the twins (832x448, 832x512, ...). With alignment 16, 480x832 is itself a bucket.
+The start frame is loaded the same way into its clip's bucket; it must have the clip's pixel size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+NATIVE_ASPECT = 832 / 480
+AREA_TOLERANCE = 0.10
+MAX_ASPECT = 4.0
+
+
+class BadSampleError(ValueError):
+    """One sample cannot be used; the message names the file and what to do. The sample is skipped."""
+
+
+class ClipTooShortError(BadSampleError):
+    pass
+
+
+@dataclass(frozen=True, order=True)
+class Bucket:
+    height: int
+    width: int
+
+    def __str__(self) -> str:
+        return f"{self.height}x{self.width}"
+
+    @classmethod
+    def parse(cls, text: str) -> Bucket:
+        height, width = text.split("x")
+        return cls(int(height), int(width))
+
+
+def target_pixels(resolution: int) -> float:
+    return resolution * resolution * NATIVE_ASPECT
+
+
+@lru_cache(maxsize=64)
+def buckets(resolution: int, alignment: int) -> tuple[Bucket, ...]:
+    """The bucket list of a dataset (see the module docstring), sorted by height."""
+    target = target_pixels(resolution)
+    found: set[Bucket] = set()
+    max_side = int(math.sqrt(target * MAX_ASPECT)) + alignment
+    for height in range(alignment, max_side + 1, alignment):
+        below = max(alignment, int(target / height) // alignment * alignment)
+        for width in (below, below + alignment):
+            aspect = width / height
+            close = abs(width * height - target) <= AREA_TOLERANCE * target
+            if close and 1 / MAX_ASPECT <= aspect <= MAX_ASPECT:
+                found.add(Bucket(height, width))
+    if not found:
+        raise ValueError(f"no bucket near {resolution}p on a {alignment}-pixel grid: lower aspectBucketAlignment")
+    return tuple(sorted(found))
+
+
+def bucket_for(height: int, width: int, resolution: int, alignment: int) -> Bucket:
+    aspect = math.log(width / height)
+    target = target_pixels(resolution)
+    return min(
+        buckets(resolution, alignment),
+        key=lambda b: (round(abs(math.log(b.width / b.height) - aspect), 9), abs(b.height * b.width - target)),
+    )
+
+
+def resize_crop(frames: torch.Tensor, bucket: Bucket) -> torch.Tensor:
+    """[F, 3, H, W] uint8 -> [F, 3, h, w] float in [-1, 1]: scale to cover the bucket, then center-crop."""
+    height, width = frames.shape[-2:]
+    scale = max(bucket.height / height, bucket.width / width)
+    size = (max(bucket.height, round(height * scale)), max(bucket.width, round(width * scale)))
+    x = frames.float() / 127.5 - 1
+    if size != (height, width):
+        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    top, left = (size[0] - bucket.height) // 2, (size[1] - bucket.width) // 2
+    return x[:, :, top : top + bucket.height, left : left + bucket.width].clamp(-1, 1)
+
+
+def decode_clip(path: Path, frames: int, name: str) -> torch.Tensor:
+    """The first `frames` frames of a clip as uint8 [F, 3, H, W]; `name` is used in errors."""
+    decoded: list[np.ndarray] = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise BadSampleError(f"{name}: has no video stream; re-encode it (e.g. H.264 in MP4)")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for frame in container.decode(stream):
+                decoded.append(frame.to_ndarray(format="rgb24"))
+                if len(decoded) == frames:
+                    break
+    except (av.FFmpegError, UnicodeDecodeError) as exc:
+        raise BadSampleError(f"{name}: PyAV cannot decode it ({type(exc).__name__}); re-encode it (e.g. H.264 in MP4)")
+    if len(decoded) < frames:
+        raise ClipTooShortError(f"{name}: {len(decoded)} frames, the dataset needs {frames}; lower `frames` or drop it")
+    return torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous()
+
+
+def load_image(path: Path, name: str) -> torch.Tensor:
+    """uint8 [1, 3, H, W] of a start frame."""
+    try:
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise BadSampleError(f"{name}: not a readable image ({type(exc).__name__}); save it as PNG or JPEG")
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None]
+
+
+@dataclass
+class PreparedSample:
+    video: torch.Tensor  # [3, F, h, w] in [-1, 1]
+    start_frame: torch.Tensor  # [3, 1, h, w] in [-1, 1]
+    bucket: Bucket
+
+
+def prepare_sample(
+    clip: Path, start_frame: Path, *, frames: int, resolution: int, alignment: int, clip_name: str, frame_name: str
+) -> PreparedSample:
+    """Clip and start frame, decoded, checked against each other and brought to the clip's bucket."""
+    video = decode_clip(clip, frames, clip_name)
+    image = load_image(start_frame, frame_name)
+    if image.shape[-2:] != video.shape[-2:]:
+        (ih, iw), (vh, vw) = image.shape[-2:], video.shape[-2:]
+        raise BadSampleError(
+            f"{frame_name}: start frame is {iw}x{ih} but its clip {clip_name} is {vw}x{vh}; export the start frame "
+            "from the clip's first frame at the clip's size"
+        )
+    bucket = bucket_for(video.shape[-2], video.shape[-1], resolution, alignment)
+    return PreparedSample(
+        video=resize_crop(video, bucket).permute(1, 0, 2, 3),
+        start_frame=resize_crop(image, bucket).permute(1, 0, 2, 3),
+        bucket=bucket,
+    )

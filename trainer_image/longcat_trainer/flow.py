@@ -1,0 +1,54 @@
+"""Flow matching for image-to-video, as the official LongCat-Video sampler expects the DiT to behave.
+
+Noising: x_t = (1 - sigma) * x0 + sigma * eps, so dx/dsigma = eps - x0. The official pipeline calls the DiT
+with timestep 1000 * sigma, negates its output and hands it to the Euler step
+x_next = x + (sigma_next - sigma) * model_output; that step follows the flow only if -DiT = eps - x0, so the
+DiT's training target is x0 - eps (checked in tests/test_flow.py against diffusers' Euler scheduler).
+
+Image-to-video: latent frame 0 is the clean start-frame latent with timestep 0 (the DiT is called with
+num_cond_latents=1) and is left out of the loss; only frames 1.. are noised and learned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000
+NUM_COND_LATENTS = 1
+
+
+def shift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """sigma' = s*sigma / (1 + (s - 1)*sigma): the flow shift of the official scheduler (s = 12 moves mass to noise)."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def sample_sigmas(batch: int, shift: float, generator: torch.Generator) -> torch.Tensor:
+    """One noise level per sample: uniform in [0, 1), then shifted."""
+    return shift_sigmas(torch.rand(batch, generator=generator), shift)
+
+
+@dataclass
+class FlowBatch:
+    noisy: torch.Tensor  # [B, C, T, H, W]; frame 0 is the clean start-frame latent
+    timestep: torch.Tensor  # [B, T]; 0 on frame 0
+    target: torch.Tensor  # [B, C, T-1, H, W]: x0 - eps on frames 1..
+
+
+def make_flow_batch(
+    clip_latents: torch.Tensor, start_latents: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor
+) -> FlowBatch:
+    """clip_latents [B, C, T, H, W] (frame 0 is replaced), start_latents [B, C, 1, H, W], sigma [B], noise as clips."""
+    x0 = clip_latents[:, :, NUM_COND_LATENTS:]
+    eps = noise[:, :, NUM_COND_LATENTS:]
+    s = sigma.view(-1, 1, 1, 1, 1).to(x0.dtype)
+    noisy = torch.cat([start_latents.to(x0.dtype), (1 - s) * x0 + s * eps], dim=2)
+    timestep = (NUM_TRAIN_TIMESTEPS * sigma)[:, None].repeat(1, clip_latents.shape[2])
+    timestep[:, :NUM_COND_LATENTS] = 0
+    return FlowBatch(noisy=noisy, timestep=timestep, target=x0 - eps)
+
+
+def flow_loss(prediction: torch.Tensor, batch: FlowBatch) -> torch.Tensor:
+    """Mean squared error on frames 1.. only (the conditioning frame's output is not trained)."""
+    return torch.nn.functional.mse_loss(prediction[:, :, NUM_COND_LATENTS:].float(), batch.target.float())

@@ -1,0 +1,350 @@
+"""The training job: frozen manifest -> caches -> LoRA flow-matching steps -> checkpoints and a LoRA in the output.
+
+Every rank runs this; rank 0 alone writes the output (the caches are written by whichever rank encodes):
+
+    <output>/manifest.json       the frozen samples (the operator's preflight, or rank 0 here when absent)
+    <output>/progress.json       phase, step, loss, rate, ETA, cache hits, bad samples, artifacts
+    <output>/checkpoints/        see checkpoint.py
+    <output>/lora/               the final LoRA in both formats (see lora.py)
+    <output>/loss.png            the loss curve
+    <output>/cache/<dataset>/    latents and text embeddings, unless the dataset names a vaeCache (see cache.py)
+
+Validation (`Hooks.validate`) runs every `validation.everySteps` steps and at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.optimization import get_scheduler
+
+from longcat_operator.api import LongCatI2VJob
+from longcat_operator.manifest import (
+    MANIFEST_KEY,
+    Manifest,
+    ManifestError,
+    build_manifest,
+    read_manifest,
+    write_manifest,
+)
+from longcat_operator.preflight import run_preflight
+from longcat_operator.progress import BadSamples, CacheCounts
+from longcat_operator.storage import ObjectStore, store_for
+
+from . import checkpoint, distributed, flow, lora
+from .cache import CacheResult, build_caches, cache_location
+from .data.batches import BatchStream
+from .data.reader import DiskCache, ShardReader
+from .distributed import World
+from .metrics import DEFAULT_METRICS_PORT, METRICS_PORT_ENV, RateLog, TrainerMetrics
+from .model.loading import CheckpointError, load_dit
+from .model.sources import ModelSourceError, resolve_model_source
+from .report import LOSS_CURVE, Reporter, loss_curve_png, uri
+
+log = logging.getLogger(__name__)
+
+DATA_CACHE_ENV = "LONGCAT_DATA_CACHE"
+DATA_CACHE_BYTES = 20 << 30
+
+
+class BadInputError(Exception):
+    """The job's configuration or data cannot be trained on; restarting will not help (exit code 78)."""
+
+
+class Preempted(Exception):
+    """SIGTERM (or Ctrl-C) arrived; a checkpoint was saved (exit code 143)."""
+
+
+@dataclass
+class StepInfo:
+    """What a hook sees: the step just finished and the model being trained (unwrapped, LoRA active)."""
+
+    step: int
+    model: torch.nn.Module
+    world: World
+    job: LongCatI2VJob
+    model_root: Path
+    output: ObjectStore
+    cache: CacheResult
+    cache_stores: dict[str, ObjectStore]
+
+
+@dataclass
+class Hooks:
+    # Validation sampling (every validation.everySteps and at the end, on every rank); returns the URIs of
+    # the videos it uploaded, which go into progress.json's artifacts.
+    validate: Callable[[StepInfo], list[str]] | None = None
+    after_step: Callable[[StepInfo], None] | None = None
+
+
+def frozen_manifest(job: LongCatI2VJob, output: ObjectStore, world: World) -> Manifest:
+    """The operator's manifest.json; without one (one machine, tests) rank 0 runs preflight and writes it."""
+    if world.is_main and not any(r.key == MANIFEST_KEY for r in _list_or_empty(output)):
+        result = run_preflight(job.spec, deep=False)
+        if not result.report.ok:
+            raise BadInputError("preflight found problems:\n" + "\n".join(result.report.lines()))
+        write_manifest(output, build_manifest(job.metadata.name or "job", job.spec, result))
+    distributed.barrier()
+    return read_manifest(output)
+
+
+def _list_or_empty(store: ObjectStore) -> list:
+    try:
+        return list(store.list())
+    except FileNotFoundError:
+        return []
+
+
+# Errors that mean the job file, the model or the data is wrong: no restart can fix them.
+CONFIG_ERRORS = (BadInputError, CheckpointError, ModelSourceError, ManifestError, ValueError)
+
+
+def run(job: LongCatI2VJob, hooks: Hooks | None = None) -> None:
+    """Train the job; records a failure in progress.json before re-raising it."""
+    world = distributed.init_world()
+    output = store_for(job.spec.output, what="output (spec.output)")
+    reporter = Reporter(output, enabled=world.is_main, world_size=world.world_size)
+    try:
+        _train(job, hooks or Hooks(), world, output, reporter)
+    except Preempted:
+        raise
+    except CONFIG_ERRORS as exc:
+        reporter.fail("BadInput" if isinstance(exc, BadInputError) else "InvalidConfig", str(exc))
+        raise
+    except Exception as exc:
+        reporter.fail("Error", f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        distributed.shutdown()
+
+
+def _train(job: LongCatI2VJob, hooks: Hooks, world: World, output: ObjectStore, reporter: Reporter) -> None:
+    spec, train_spec = job.spec, job.spec.training
+    metrics = TrainerMetrics(job.metadata.name or "job")
+    if world.is_local_main:
+        metrics.serve(int(os.environ.get(METRICS_PORT_ENV, DEFAULT_METRICS_PORT)))
+    metrics.max_steps.set(train_spec.max_steps)
+    manifest = frozen_manifest(job, output, world)
+    model_root = resolve_model_source(spec.model.source)
+    dtype = torch.bfloat16 if world.device.type == "cuda" and train_spec.precision == "bf16" else torch.float32
+
+    reporter.phase("Caching")
+    cache, cache_stores = prepare_caches(job, manifest, world, model_root, dtype, reporter, metrics)
+    reporter.doc.artifacts.manifest = uri(output, MANIFEST_KEY)
+
+    dit = load_dit(model_root, dtype=dtype, device=world.device)
+    torch.manual_seed(train_spec.seed)  # the same LoRA initialisation on every rank (FSDP keeps each rank's shard)
+    lora.add_lora(dit, spec.lora)
+    torch.manual_seed(train_spec.seed + world.rank)  # dropout differs between ranks
+    if train_spec.gradient_checkpointing:
+        dit.enable_gradient_checkpointing()
+    state = checkpoint.load_latest(output)
+    if state is not None:
+        lora.load_lora_state(dit, state["lora"])  # before sharding: the saved weights are whole tensors
+    run = TrainingRun(job, world, dit, distributed.wrap(dit, world, train_spec.parallelism), dtype, output,
+                      reporter, metrics, cache, cache_stores, hooks, model_root)
+    if state is not None:
+        run.restore(state)
+    run.loop()
+    run.finish()
+
+
+def prepare_caches(
+    job: LongCatI2VJob, manifest: Manifest, world: World, model_root: Path, dtype: torch.dtype,
+    reporter: Reporter, metrics: TrainerMetrics,
+) -> tuple[CacheResult, dict[str, ObjectStore]]:
+    """Fill the caches (all ranks), report what was found, and refuse data with too many unusable samples."""
+    spec = job.spec
+    dataset_stores = {d.id: store_for(d.source, what=f"dataset '{d.id}'") for d in spec.datasets}
+    cache_stores = {d.id: store_for(cache_location(spec, d), what=f"cache of dataset '{d.id}'") for d in spec.datasets}
+    data_dir = Path(os.environ.get(DATA_CACHE_ENV) or tempfile.gettempdir()) / f"longcat-data-{world.rank}"
+    reader = ShardReader(manifest, "train", rank=world.rank, world_size=world.world_size,
+                         store_for=dataset_stores.__getitem__, cache=DiskCache(data_dir, DATA_CACHE_BYTES))
+    cache = build_caches(spec, manifest, world, reader, cache_stores, model_root, dtype)
+    unusable = cache.total - len(cache.samples)
+    metrics.cache_hits.inc(cache.hits)
+    metrics.cache_misses.inc(cache.misses)
+    metrics.bad_samples.set(unusable)
+    reporter.doc.cache = CacheCounts(hits=cache.hits, misses=cache.misses)
+    reporter.doc.bad_samples = BadSamples(count=unusable, total=cache.total, too_short=cache.too_short,
+                                          examples=cache.bad[:20])
+    log.info("cache: %d hits, %d misses, %d bad, %d too short, %d of %d samples usable",
+             cache.hits, cache.misses, len(cache.bad), cache.too_short, len(cache.samples), cache.total)
+    fraction = spec.training.max_bad_sample_fraction
+    if not cache.samples or unusable > fraction * cache.total:
+        raise BadInputError(
+            f"{unusable} of {cache.total} samples are unusable ({len(cache.bad)} bad, {cache.too_short} too short), "
+            f"more than spec.training.maxBadSampleFraction={fraction}; first: "
+            + "; ".join(cache.bad[:5] or ["(clips shorter than the dataset's frames)"])
+        )
+    return cache, cache_stores
+
+
+class TrainingRun:
+    """The state that changes while training (one explicit checkpoint dict) and the steps that change it."""
+
+    def __init__(
+        self, job: LongCatI2VJob, world: World, dit: torch.nn.Module, model: torch.nn.Module, dtype: torch.dtype,
+        output: ObjectStore, reporter: Reporter, metrics: TrainerMetrics, cache: CacheResult,
+        cache_stores: dict[str, ObjectStore], hooks: Hooks, model_root: Path,
+    ) -> None:
+        self.job, self.spec, self.train = job, job.spec, job.spec.training
+        self.world, self.dit, self.model, self.dtype = world, dit, model, dtype
+        self.output, self.reporter, self.metrics, self.hooks = output, reporter, metrics, hooks
+        self.cache, self.cache_stores, self.model_root = cache, cache_stores, model_root
+        # Made after wrapping: FSDP replaces the parameters with shards.
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=self.train.learning_rate, weight_decay=self.train.weight_decay
+        )
+        self.scheduler = get_scheduler(
+            self.train.lr_scheduler, self.optimizer,
+            num_warmup_steps=self.train.warmup_steps, num_training_steps=self.train.max_steps,
+        )
+        self.noise_rng = torch.Generator().manual_seed(self.train.seed * 1_000_003 + world.rank)
+        self.step, self.history = 0, []
+        self.stream = self._stream(epoch=0, index=0)
+
+    def _stream(self, epoch: int, index: int) -> BatchStream:
+        return BatchStream(self.cache.samples, self.cache_stores, batch_size=self.train.batch_size,
+                           seed=self.train.seed, rank=self.world.rank, world_size=self.world.world_size,
+                           epoch=epoch, index=index)
+
+    def state(self) -> dict[str, Any]:
+        """Everything a resumed run needs (a collective under FSDP); RNG states of every rank."""
+        return {
+            "lora": lora.lora_state(self.dit),
+            "optimizer": distributed.optimizer_state(self.dit, self.optimizer),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "data": self.stream.position(),
+            "loss_history": self.history,
+            "rng": distributed.gather_objects(checkpoint.rng_state(self.noise_rng)),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        distributed.load_optimizer_state(self.dit, self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.history = state["step"], state["loss_history"]
+        self.stream.close()
+        self.stream = self._stream(**state["data"])
+        if len(state["rng"]) == self.world.world_size:
+            checkpoint.restore_rng(state["rng"][self.world.rank], self.noise_rng)
+        else:
+            log.warning("checkpoint has %d ranks' RNG states, this run %d: noise streams start afresh",
+                        len(state["rng"]), self.world.world_size)
+        self.reporter.doc.artifacts.latest_checkpoint = uri(self.output, checkpoint.step_prefix(self.step))
+
+    def save(self) -> None:
+        started = time.monotonic()
+        state = self.state()
+        if self.world.is_main:
+            prefix = checkpoint.save(self.output, self.step, state, lora.export_files(state["lora"], self.spec.lora),
+                                     self.train.keep_checkpoints)
+            artifacts = self.reporter.doc.artifacts
+            artifacts.latest_checkpoint = uri(self.output, prefix)
+            kept = artifacts.checkpoints + [artifacts.latest_checkpoint]
+            artifacts.checkpoints = kept[-self.train.keep_checkpoints :]
+            self.reporter.write(force=True)
+        distributed.barrier()
+        self.metrics.checkpoint_seconds.observe(time.monotonic() - started)
+
+    def info(self) -> StepInfo:
+        return StepInfo(self.step, self.dit, self.world, self.job, self.model_root, self.output, self.cache,
+                        self.cache_stores)
+
+    def validate(self) -> None:
+        if self.hooks.validate is not None:
+            self.dit.eval()
+            self.reporter.doc.artifacts.validation_videos += self.hooks.validate(self.info())
+            self.dit.train()
+
+    def train_step(self) -> tuple[float, int]:
+        """One optimizer step over gradient_accumulation micro-batches; returns (loss, latent tokens)."""
+        device, accumulation = self.world.device, self.train.gradient_accumulation
+        loss_sum, tokens = 0.0, 0
+        for micro in range(accumulation):
+            batch = {k: v.to(device) for k, v in self.stream.next().items()}
+            clip = batch["clip"]
+            sigma = flow.sample_sigmas(clip.shape[0], self.train.flow_shift, self.noise_rng).to(device)
+            noise = torch.randn(clip.shape, generator=self.noise_rng).to(device)
+            fb = flow.make_flow_batch(clip, batch["start"], sigma, noise)
+            last = micro == accumulation - 1
+            with contextlib.nullcontext() if last else distributed.accumulating(self.model):
+                prediction = self.model(fb.noisy.to(self.dtype), fb.timestep, batch["text"].to(self.dtype),
+                                        batch["text_mask"], num_cond_latents=flow.NUM_COND_LATENTS)
+                loss = flow.flow_loss(prediction, fb) / accumulation
+                loss.backward()
+            loss_sum += loss.item()
+            tokens += clip[:, 0].numel() // 4  # one DiT token per 2x2 patch of each latent frame
+        torch.nn.utils.clip_grad_norm_(self.params, self.train.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return distributed.mean_across_ranks(loss_sum, device), tokens
+
+    def loop(self) -> None:
+        self.reporter.phase("Training")
+        rate = RateLog("train", self.train.max_steps, " steps", done_before=self.step)
+        every = self.spec.validation.every_steps
+        self.dit.train()
+        with checkpoint.Preemption() as preemption:
+            while self.step < self.train.max_steps:
+                started, waited = time.monotonic(), self.stream.wait_seconds
+                loss, tokens = self.train_step()
+                self.history.append((self.step, loss))
+                self._observe(loss, tokens * self.world.world_size, time.monotonic() - started,
+                              self.stream.wait_seconds - waited, rate)
+                if self.hooks.after_step is not None:
+                    self.hooks.after_step(self.info())
+                preempted = distributed.any_rank(preemption.requested, self.world.device)
+                if preempted or self.step % self.train.checkpoint_every == 0 or self.step == self.train.max_steps:
+                    self.save()
+                if preempted:
+                    self.reporter.phase("Preempted")
+                    raise Preempted(f"stopped at step {self.step} by a signal; checkpoint saved, run again to resume")
+                if every and self.step % every == 0 and self.step < self.train.max_steps:
+                    self.validate()
+        self.stream.close()
+
+    def _observe(self, loss: float, tokens: int, seconds: float, data_wait: float, rate: RateLog) -> None:
+        samples = self.train.batch_size * self.train.gradient_accumulation * self.world.world_size
+        lr = self.scheduler.get_last_lr()[0]
+        m = self.metrics
+        m.step.set(self.step)
+        m.loss.set(loss)
+        m.lr.set(lr)
+        m.samples_per_second.set(samples / seconds)
+        m.latent_tokens_per_second.set(tokens / seconds)
+        m.data_wait.inc(data_wait)
+        m.observe_gpu(self.world.device)
+        progress = self.reporter.doc.progress
+        progress.step, progress.max_steps = self.step, self.train.max_steps
+        progress.step_display = f"{self.step}/{self.train.max_steps}"
+        progress.loss, progress.learning_rate, progress.samples_per_second = loss, lr, samples / seconds
+        progress.eta_seconds = round(rate.eta(self.step), 1)
+        rate.update(self.step, f" loss {loss:.4f} lr {lr:.2e}")
+        self.reporter.write()
+
+    def finish(self) -> None:
+        """Validation at the end, the final LoRA and the loss curve."""
+        self.validate()
+        state = lora.lora_state(self.dit)  # every rank: a collective under FSDP
+        if self.world.is_main:
+            for name, data in lora.export_files(state, self.spec.lora).items():
+                self.output.put_bytes(f"lora/{name}", data)
+            self.output.put_bytes(LOSS_CURVE, loss_curve_png(self.history))
+            self.reporter.doc.artifacts.lora = uri(self.output, f"lora/{lora.PEFT_WEIGHTS}")
+            log.info("LoRA written to %s", self.reporter.doc.artifacts.lora)
+        self.reporter.phase("Succeeded")
+        distributed.barrier()
