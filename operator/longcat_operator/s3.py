@@ -8,6 +8,7 @@ messages that name what was being read (a dataset, the output) and the bucket, a
 from __future__ import annotations
 
 import base64
+import functools
 import binascii
 import os
 from collections.abc import Mapping
@@ -135,6 +136,16 @@ def make_client(
         config=config or client_config(),
         **explicit,
     )
+
+
+@functools.lru_cache(maxsize=64)
+def shared_client(endpoint: str | None, region: str | None, credentials: S3Credentials | None) -> Any:
+    """One client per endpoint, region and credentials, reused across threads (boto3 clients are thread-safe).
+
+    Building a client parses botocore's service model: about 0.1 s of CPU, which an operator reading
+    progress.json of hundreds of jobs every few seconds cannot spend each time.
+    """
+    return make_client(endpoint, region, credentials)
 
 
 def endpoint_of(client: Any) -> str:

@@ -1,0 +1,172 @@
+"""Apply N LongCatI2VJobs at once against a local control plane and S3; time creation -> Job created.
+
+Starts the test suite's real control plane (etcd, kube-apiserver, kube-controller-manager) and SeaweedFS, one
+small paired dataset, and the operator as its own process (`kopf run`, as in a pod). It then creates N jobs as
+fast as the API accepts them, watches Jobs appear, and prints p50/p99/max latency from each job's creation
+(the moment its create call returned) to its Job being seen, the time until all N have one, and the operator's
+resident memory afterwards. `--failing K` makes K of the jobs' gangs fail once (pods patched to Failed) so that
+their restarts run while the others launch; their statuses are checked at the end.
+
+    .venv/bin/python bench/operator_bench.py [--jobs 200] [--failing 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from kubernetes import client, config
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from longcat_operator.manifests import LABEL_ATTEMPT, LABEL_JOB  # noqa: E402
+from tests.fixtures.cluster import start_control_plane  # noqa: E402
+from tests.fixtures.s3 import S3Server, put_objects  # noqa: E402
+
+NAMESPACE = "bench"
+SECRET = "s3-credentials"
+POLL_S = 0.1
+
+
+def job_body(name: str, endpoint: str, bucket: str) -> dict:
+    def where(prefix: str) -> dict:
+        return {"s3": {"bucket": bucket, "prefix": prefix, "endpoint": endpoint, "credentialsSecret": SECRET}}
+
+    return {
+        "apiVersion": "longcat.video/v1alpha1", "kind": "LongCatI2VJob", "metadata": {"name": name},
+        "spec": {
+            "datasets": [
+                {"id": "clips", "type": "video", "isI2V": True, "captionStrategy": "textfile",
+                 "source": where("clips/"), "conditioningData": ["frames"]},
+                {"id": "frames", "type": "conditioning", "source": where("frames/")},
+            ],
+            "output": where(f"out/{name}/"),
+            "maxRestarts": 2,
+        },
+    }
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--failing", type=int, default=0, help="gangs made to fail once while the rest launch")
+    parser.add_argument("--timeout", type=float, default=300)
+    args = parser.parse_args()
+
+    with ExitStack() as stack:
+        workdir = Path(tempfile.mkdtemp(prefix="longcat-bench-"))
+        t0 = time.monotonic()
+        cluster = start_control_plane(stack, workdir)
+        print(f"control plane ready in {time.monotonic() - t0:.1f}s")
+        s3 = S3Server(workdir / "s3")
+        s3.start()
+        stack.callback(s3.stop)
+        bucket = s3.create_bucket("bench")
+        stems = [f"clip{i:02d}" for i in range(8)]
+        put_objects(s3.client(), bucket, {f"clips/{s}.mp4": b"mp4" for s in stems}
+                    | {f"clips/{s}.txt": b"caption" for s in stems} | {f"frames/{s}.png": b"png" for s in stems})
+
+        cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "longcat.video_longcati2vjobs.yaml"))
+        cluster.kubectl("wait", "--for=condition=Established", "crd/longcati2vjobs.longcat.video")
+        cluster.kubectl("create", "namespace", NAMESPACE)
+        creds = s3.credentials
+        cluster.kubectl("create", "secret", "generic", SECRET, "-n", NAMESPACE,
+                        f"--from-literal=AWS_ACCESS_KEY_ID={creds.access_key_id}",
+                        f"--from-literal=AWS_SECRET_ACCESS_KEY={creds.secret_access_key.get_secret_value()}")
+
+        env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "LONGCAT_PROGRESS_INTERVAL_S": "2"}
+        log = (workdir / "operator.log").open("w")
+        operator = subprocess.Popen(
+            [sys.executable, "-m", "kopf", "run", "--standalone", "--all-namespaces", "-m",
+             "longcat_operator.reconcile"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        stack.callback(operator.wait)
+        stack.callback(operator.terminate)
+        config.load_kube_config(config_file=str(cluster.kubeconfig))
+        custom, batch, core = client.CustomObjectsApi(), client.BatchV1Api(), client.CoreV1Api()
+        time.sleep(3)  # the operator's first API scan and watch
+
+        seen: dict[str, float] = {}
+        done = threading.Event()
+
+        def poll_jobs() -> None:
+            # Polling every 0.1 s bounds the error of each latency by 0.1 s (a watch of a fresh namespace
+            # can be refused with "too large resource version" while the watch cache catches up).
+            while not done.is_set():
+                for job in batch.list_namespaced_job(NAMESPACE).items:
+                    seen.setdefault(job.metadata.labels[LABEL_JOB], time.monotonic())
+                time.sleep(POLL_S)
+
+        watcher = threading.Thread(target=poll_jobs, daemon=True)
+        watcher.start()
+        created: dict[str, float] = {}
+        start = time.monotonic()
+        for i in range(args.jobs):
+            name = f"job-{i:04d}"
+            custom.create_namespaced_custom_object("longcat.video", "v1alpha1", NAMESPACE, "longcati2vjobs",
+                                                   job_body(name, s3.endpoint, bucket))
+            created[name] = time.monotonic()
+        print(f"created {args.jobs} jobs in {time.monotonic() - start:.1f}s")
+
+        failing = list(created)[:: max(1, args.jobs // max(1, args.failing))][: args.failing]
+        failed: set[str] = set()
+        deadline = time.monotonic() + args.timeout
+        while (len(seen) < args.jobs or len(failed) < len(failing)) and time.monotonic() < deadline:
+            for name in failing:
+                if name in seen and name not in failed:
+                    pods = core.list_namespaced_pod(NAMESPACE, label_selector=f"{LABEL_JOB}={name},{LABEL_ATTEMPT}=0")
+                    for pod in pods.items:
+                        core.patch_namespaced_pod_status(pod.metadata.name, NAMESPACE, {"status": {"phase": "Failed"}})
+                        failed.add(name)
+            time.sleep(0.2)
+        done.set()
+        all_in = max(seen.values()) - start if seen else float("nan")
+        latencies = [seen[name] - created[name] for name in created if name in seen]
+        print(f"jobs with a Job: {len(seen)}/{args.jobs}; all within {all_in:.1f}s of the first create")
+        print(f"creation -> Job created: p50 {statistics.median(latencies):.2f}s, "
+              f"p99 {percentile(latencies, 0.99):.2f}s, max {max(latencies):.2f}s")
+
+        if failing:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                restarts = {n: custom.get_namespaced_custom_object_status(
+                    "longcat.video", "v1alpha1", NAMESPACE, "longcati2vjobs", n).get("status", {}).get("restarts", 0)
+                    for n in failing}
+                if all(r == 1 for r in restarts.values()):
+                    break
+                time.sleep(1)
+            print(f"restarted gangs: {restarts}")
+            others = [n for n in created if n not in failing]
+            phases = {}
+            for n in others:
+                obj = custom.get_namespaced_custom_object("longcat.video", "v1alpha1", NAMESPACE, "longcati2vjobs", n)
+                phases[n] = (obj.get("status", {}).get("phase"), obj.get("status", {}).get("restarts", 0))
+            wrong = {n: p for n, p in phases.items() if p != ("Launching", 0)}
+            print(f"other jobs with an unexpected status: {len(wrong)} {json.dumps(dict(list(wrong.items())[:5]))}")
+        print(f"operator resident memory: {rss_mib(operator.pid):.0f} MiB")
+        log.close()
+
+
+if __name__ == "__main__":
+    main()
