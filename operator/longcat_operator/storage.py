@@ -43,7 +43,7 @@ class ObjectStore(Protocol):
 
     def get_bytes(self, key: str) -> bytes: ...
 
-    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None: ...
 
     def download(self, key: str, dest: Path, *, etag: str) -> ObjectRecord: ...
 
@@ -87,7 +87,7 @@ class LocalStore:
     def get_bytes(self, key: str) -> bytes:
         return self._path(key).read_bytes()
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -160,9 +160,11 @@ class S3Store:
         except (ClientError, BotoCoreError) as exc:
             raise self.error(exc) from None
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        """`content_type` lets a browser play or render the object straight from the bucket."""
+        extra = {"ContentType": content_type} if content_type else {}
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data)
+            self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data, **extra)
         except (ClientError, BotoCoreError) as exc:
             raise self.error(exc) from None
 

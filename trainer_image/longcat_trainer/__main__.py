@@ -48,10 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidJob as exc:
         return _terminate(EXIT_CONFIG_ERROR, f"--config {args.config}: invalid job:\n{exc}")
 
-    from . import train  # torch is imported only once the job file is known to be good
+    from . import train, validate  # torch is imported only once the job file is known to be good
 
     try:
-        train.run(job)
+        # One Validator for the whole run: it keeps the encoded start frames and captions between steps.
+        train.run(job, train.Hooks(validate=validate.Validator()))
     except train.Preempted as exc:
         return _terminate(EXIT_PREEMPTED, str(exc))
     except train.CONFIG_ERRORS as exc:

@@ -16,6 +16,8 @@ from longcat_operator.storage import ObjectStore
 log = logging.getLogger(__name__)
 
 LOSS_CURVE = "loss.png"
+# The page that shows every validation step's videos beside the loss curve (written by validate.py).
+INDEX_HTML = "index.html"
 WRITE_EVERY_S = 10.0
 
 

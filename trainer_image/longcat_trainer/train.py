@@ -48,7 +48,7 @@ from .distributed import World
 from .metrics import DEFAULT_METRICS_PORT, METRICS_PORT_ENV, RateLog, TrainerMetrics
 from .model.loading import CheckpointError, load_dit
 from .model.sources import ModelSourceError, resolve_model_source
-from .report import LOSS_CURVE, Reporter, loss_curve_png, uri
+from .report import INDEX_HTML, LOSS_CURVE, Reporter, loss_curve_png, uri
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,8 @@ def _train(job: LongCatI2VJob, hooks: Hooks, world: World, output: ObjectStore, 
     reporter.phase("Caching")
     cache, cache_stores = prepare_caches(job, manifest, world, model_root, dtype, reporter, metrics)
     reporter.doc.artifacts.manifest = uri(output, MANIFEST_KEY)
+    if hooks.validate is not None:
+        reporter.doc.artifacts.report = uri(output, INDEX_HTML)
 
     dit = load_dit(model_root, dtype=dtype, device=world.device)
     torch.manual_seed(train_spec.seed)  # the same LoRA initialisation on every rank (FSDP keeps each rank's shard)

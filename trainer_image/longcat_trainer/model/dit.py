@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +116,19 @@ class FeedForwardSwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+@dataclass
+class CondKV:
+    """One block's self-attention keys and values [1, heads, c, head_dim] of the conditioning tokens.
+
+    Conditioning tokens attend only among themselves, have timestep 0 and get no cross-attention, so their
+    states depend on nothing but the start frame: a sampler records these once (`conditioning_cache`) and
+    then runs only the noisy tokens, which attend to the recorded keys and values plus their own.
+    """
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+
 class Attention(nn.Module):
     """Self-attention over all video tokens, with the image-to-video rule for conditioning frames."""
 
@@ -127,18 +141,27 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, eps=NORM_EPS)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], num_cond_tokens: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], num_cond_tokens: int, cond_kv: CondKV | None = None
+    ) -> torch.Tensor:
+        """cond_kv: empty -> record the conditioning tokens' k, v into it; filled -> x holds only noisy tokens."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q = apply_rotary_emb(self.q_norm(q), rope)
         k = apply_rotary_emb(self.k_norm(k), rope)
-        if num_cond_tokens > 0:
+        if cond_kv is not None and cond_kv.k is not None:
+            k = torch.cat([cond_kv.k.expand(B, -1, -1, -1), k], dim=2)
+            v = torch.cat([cond_kv.v.expand(B, -1, -1, -1), v], dim=2)
+            out = F.scaled_dot_product_attention(q, k, v)
+        elif num_cond_tokens > 0:
             # Conditioning tokens see only each other (they stay a clean encoding of the start frame);
             # noisy tokens see everything. Two dense calls keep the fast kernels that a mask would rule out.
             c = num_cond_tokens
-            out_cond = F.scaled_dot_product_attention(q[:, :, :c], k[:, :, :c], v[:, :, :c])
-            out_noise = F.scaled_dot_product_attention(q[:, :, c:], k, v)
-            out = torch.cat([out_cond, out_noise], dim=2)
+            if cond_kv is not None:
+                cond_kv.k, cond_kv.v = k[:, :, :c], v[:, :, :c]
+            out = F.scaled_dot_product_attention(q[:, :, :c], k[:, :, :c], v[:, :, :c])
+            if c < N:
+                out = torch.cat([out, F.scaled_dot_product_attention(q[:, :, c:], k, v)], dim=2)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
@@ -188,6 +211,7 @@ class LongCatSingleStreamBlock(nn.Module):
         t_emb: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         num_cond_tokens: int,
+        cond_kv: CondKV | None = None,
     ) -> torch.Tensor:
         """x [B, N, C] in the model dtype; t_emb float32 [B, T, C_t], one modulation per latent frame."""
         B, N, C = x.shape
@@ -200,11 +224,12 @@ class LongCatSingleStreamBlock(nn.Module):
             return tensor.view(B, T, N // T, C)
 
         h = modulate_fp32(self.mod_norm_attn, per_frame(x), shift_msa, scale_msa).view(B, N, C)
-        x = (per_frame(x) + gate_msa * per_frame(self.attn(h, rope, num_cond_tokens))).view(B, N, C).to(dtype)
+        x = (per_frame(x) + gate_msa * per_frame(self.attn(h, rope, num_cond_tokens, cond_kv))).view(B, N, C).to(dtype)
 
         c = num_cond_tokens  # conditioning tokens get no cross-attention (zeros added)
-        cross = self.cross_attn(self.pre_crs_attn_norm(x[:, c:]), y, y_mask)
-        x = torch.cat([x[:, :c], x[:, c:] + cross], dim=1) if c > 0 else x + cross
+        if c < N:
+            cross = self.cross_attn(self.pre_crs_attn_norm(x[:, c:]), y, y_mask)
+            x = torch.cat([x[:, :c], x[:, c:] + cross], dim=1) if c > 0 else x + cross
 
         h = modulate_fp32(self.mod_norm_ffn, per_frame(x), shift_mlp, scale_mlp).view(B, N, C)
         return (per_frame(x) + gate_mlp * per_frame(self.ffn(h))).view(B, N, C).to(dtype)
@@ -284,6 +309,7 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin):
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor | None = None,
         num_cond_latents: int = 0,
+        cond_cache: list[CondKV] | None = None,
     ) -> torch.Tensor:
         """Velocity prediction, float32 [B, C_out, T, H, W].
 
@@ -292,6 +318,9 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin):
         encoder_hidden_states: text states [B, 1, M, caption_channels] (or [B, M, caption_channels]).
         encoder_attention_mask: [B, M], nonzero for real tokens.
         num_cond_latents: leading latent frames that are clean conditioning (image-to-video: 1).
+        cond_cache: from `conditioning_cache`; then hidden_states and timestep hold only the frames after the
+            conditioning ones (num_cond_latents must be 0), and so does the output. (An empty list of
+            CondKV is filled in instead: that is how `conditioning_cache` records it.)
         """
         B, _, T, H, W = hidden_states.shape
         _, p_h, p_w = self.patch_size
@@ -307,6 +336,20 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin):
             encoder_hidden_states = encoder_hidden_states.squeeze(1)
         grid = (T, H // p_h, W // p_w)
         tokens_per_frame = grid[1] * grid[2]
+        # Cached conditioning frames sit before these frames: RoPE positions start after them.
+        cached_tokens = 0
+        if cond_cache is not None:
+            if len(cond_cache) != len(self.blocks):
+                raise ValueError(f"cond_cache has {len(cond_cache)} entries for {len(self.blocks)} blocks")
+            if cond_cache[0].k is None:  # empty: conditioning_cache() is recording into it
+                if num_cond_latents != T:
+                    raise ValueError("recording a cond_cache needs conditioning frames only (num_cond_latents=T)")
+            elif num_cond_latents:
+                raise ValueError("with cond_cache the hidden states hold only noisy frames: pass num_cond_latents=0")
+            else:
+                cached_tokens = cond_cache[0].k.shape[2]
+            if cached_tokens % tokens_per_frame:
+                raise ValueError(f"cond_cache holds {cached_tokens} tokens, not whole frames of {tokens_per_frame}")
 
         dtype = self.x_embedder.proj.weight.dtype
         x = self.x_embedder(hidden_states.to(dtype))
@@ -321,17 +364,36 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin):
                 y = y * encoder_attention_mask[:, :, None].to(y.dtype)
             else:
                 y_mask = encoder_attention_mask.bool()
-        rope = rope_3d(grid, self.head_dim, x.device)
+        full_grid = (T + cached_tokens // tokens_per_frame, *grid[1:])
+        rope = tuple(part[cached_tokens:] for part in rope_3d(full_grid, self.head_dim, x.device))
         num_cond_tokens = num_cond_latents * tokens_per_frame
+        caches = cond_cache if cond_cache is not None else [None] * len(self.blocks)
 
-        for block in self.blocks:
+        for block, cond_kv in zip(self.blocks, caches, strict=True):
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, y, y_mask, t_emb, rope, num_cond_tokens)
+                x = self._gradient_checkpointing_func(block, x, y, y_mask, t_emb, rope, num_cond_tokens, cond_kv)
             else:
-                x = block(x, y, y_mask, t_emb, rope, num_cond_tokens)
+                x = block(x, y, y_mask, t_emb, rope, num_cond_tokens, cond_kv)
 
         x = self.final_layer(x, t_emb)
         return self.unpatchify(x, grid)
+
+    @torch.no_grad()
+    def conditioning_cache(self, cond_latents: torch.Tensor) -> list[CondKV]:
+        """Every block's keys and values of clean conditioning latents [1, C, T_c, H, W] (timestep 0).
+
+        One pass over the conditioning frames alone: they attend only among themselves and skip
+        cross-attention, so no text is needed (a zero caption stands in for the unused input).
+        """
+        if cond_latents.shape[0] != 1:
+            raise ValueError(f"conditioning_cache takes one sample; got a batch of {cond_latents.shape[0]}")
+        T = cond_latents.shape[2]
+        caches = [CondKV() for _ in self.blocks]
+        dtype = self.x_embedder.proj.weight.dtype
+        caption = torch.zeros(1, 1, self.config.caption_channels, device=cond_latents.device, dtype=dtype)
+        timestep = torch.zeros(1, T, device=cond_latents.device)
+        self(cond_latents, timestep, caption, num_cond_latents=T, cond_cache=caches)
+        return caches
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """[B, N, p_t*p_h*p_w*C_out] -> [B, C_out, T*p_t, H*p_h, W*p_w]; tokens (t, h, w), channels (p_t, p_h, p_w, C)."""

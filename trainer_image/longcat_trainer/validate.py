@@ -1,0 +1,219 @@
+"""Validation during training: I2V videos from fixed start frames and captions, uploaded with an index page.
+
+`Validator` fits the training loop's `Hooks.validate`: called on every rank with the step just finished, it
+samples this rank's share of the validation samples (sample i runs on rank i % world_size), uploads
+
+    <output>/validation/step-<N>/<i>-<stem>.mp4   H.264 video
+    <output>/validation/step-<N>/<i>-<stem>.png   contact sheet (every 8th frame, step and prompt)
+
+and returns every rank's MP4 URIs (the same list on all ranks) for progress.json. Rank 0 keeps
+`validation/index.json` (every step's files) and renders `<output>/index.html` from it: each step's videos
+side by side, newest first, under the loss curve (`loss.png`, shown once training has written it).
+
+Samples: the first `validation.maxSamples` of the dataset named by `validation.evalDatasetId`, else of the
+manifest's validation split, else of the training split. Sample i always gets the noise of seed
+`validation.seed + i`, so the videos of different steps differ only by what the LoRA learned.
+Start frames and captions are encoded once, at the first validation, and kept on the CPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import html
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
+
+import av
+import torch
+
+from longcat_operator.api import JobSpec
+from longcat_operator.manifest import Manifest, ManifestSample, read_manifest
+from longcat_operator.s3 import S3AccessError
+from longcat_operator.storage import ObjectStore, store_for
+
+from . import distributed, media
+from .model import encode, loading
+from .report import INDEX_HTML, LOSS_CURVE, uri
+from .sample import DEFAULT_FPS, SamplerSettings, TextStates, initial_noise, latent_frames, load_start_frame
+from .sample import sample_latents, to_uint8_frames
+
+if TYPE_CHECKING:
+    from .train import StepInfo
+
+log = logging.getLogger(__name__)
+
+PREFIX = "validation"
+INDEX_JSON = f"{PREFIX}/index.json"
+
+
+def step_prefix(step: int) -> str:
+    return f"{PREFIX}/step-{step}"
+
+
+def choose_samples(spec: JobSpec, manifest: Manifest) -> list[tuple[str, ManifestSample]]:
+    """(dataset id, sample) of the validation samples, in manifest order (the same at every step)."""
+    wanted = spec.validation.eval_dataset_id
+    if wanted is not None:
+        pool = [(d, s) for d, s in manifest.split("validation") + manifest.split("train") if d == wanted]
+    else:
+        pool = manifest.split("validation") or manifest.split("train")
+    return pool[: spec.validation.max_samples]
+
+
+def clip_fps(store: ObjectStore, key: str) -> float:
+    """The clip's frame rate from its container header (ranged reads only), or DEFAULT_FPS when unknown."""
+    try:
+        with io.BufferedReader(store.open_ranged(key)) as raw, av.open(raw) as container:
+            rate = container.streams.video[0].average_rate if container.streams.video else None
+    except (av.FFmpegError, OSError) as exc:
+        log.warning("validation: cannot read the frame rate of %s (%s); using %d fps", key, exc, DEFAULT_FPS)
+        return DEFAULT_FPS
+    return float(rate) if rate else DEFAULT_FPS
+
+
+@dataclass
+class PreparedSample:
+    index: int  # position among the validation samples: names the files and seeds the noise
+    name: str  # dataset/stem
+    prompt: str
+    fps: float
+    start_latents: torch.Tensor  # [1, C, 1, h, w] float32, CPU
+    text: TextStates  # CPU
+
+
+def render_index(entries: list[dict], title: str) -> str:
+    """index.html: the loss curve, then one row per validation step (newest first), one column per sample."""
+    rows = []
+    for entry in sorted(entries, key=lambda e: -e["step"]):
+        cells = "".join(
+            f'<td><video src="{html.escape(f["mp4"])}" controls loop muted preload="none" '
+            f'poster="{html.escape(f["png"])}" width="416"></video><br>'
+            f'<a href="{html.escape(f["png"])}">contact sheet</a> {html.escape(f["name"])}<br>'
+            f"<small>{html.escape(f['prompt'])}</small></td>"
+            for f in entry["files"]
+        )
+        rows.append(f"<tr><th>step {entry['step']}</th>{cells}</tr>")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif}td,th{vertical-align:top;padding:4px}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1>"
+        f"<img src='{LOSS_CURVE}' alt='loss curve (written when training ends)' onerror=\"this.style.display='none'\">"
+        f"<table>{''.join(rows)}</table></body></html>"
+    )
+
+
+def update_index(output: ObjectStore, step: int, files: list[dict], title: str) -> None:
+    try:
+        entries = json.loads(output.get_bytes(INDEX_JSON))
+    except (FileNotFoundError, S3AccessError):  # the first validation of the job (a denied read fails the put below)
+        entries = []
+    entries = [e for e in entries if e["step"] != step] + [{"step": step, "files": files}]
+    output.put_bytes(INDEX_JSON, json.dumps(entries, indent=1).encode())
+    output.put_bytes(INDEX_HTML, render_index(entries, title).encode(), content_type="text/html; charset=utf-8")
+
+
+
+
+class Validator:
+    """Hooks.validate for the training loop; holds the encoded validation inputs between steps."""
+
+    def __init__(self) -> None:
+        self.samples: list[PreparedSample] | None = None
+        self.negative: TextStates | None = None
+        self.vae = None
+        self.shift = 0.0
+        self.every_rank = False
+
+    def prepare(self, info: StepInfo) -> None:
+        spec, world = info.job.spec, info.world
+        height, width = (int(v) for v in spec.validation.resolution.split("x"))
+        chosen = list(enumerate(choose_samples(spec, read_manifest(info.output))))
+        if not chosen:
+            log.warning("validation: the manifest has no samples to validate with; no videos will be made")
+        # Under FSDP every forward is a collective over the shards: each rank runs every sample, rank 0 uploads.
+        self.every_rank = spec.training.parallelism == "fsdp" and world.world_size > 1
+        mine = chosen if self.every_rank else chosen[world.rank :: world.world_size]
+        dtype = info.model.x_embedder.proj.weight.dtype
+        self.shift = loading.load_scheduler(info.model_root).config.shift
+        self.vae = loading.load_vae(info.model_root, dtype=torch.float32, device="cpu").eval()
+        tokenizer = loading.load_tokenizer(info.model_root)
+        text_encoder = loading.load_text_encoder(info.model_root, dtype=dtype, device=world.device)
+        stores: dict[str, ObjectStore] = {}
+
+        def store(dataset_id: str) -> ObjectStore:
+            if dataset_id not in stores:
+                stores[dataset_id] = store_for(spec.dataset(dataset_id).source, what=f"dataset '{dataset_id}'")
+            return stores[dataset_id]
+
+        def text(prompt: str) -> TextStates:
+            states, mask = encode.encode_prompts(tokenizer, text_encoder, [prompt])
+            return states.float().cpu(), mask.cpu()
+
+        self.samples = []
+        self.vae.to(world.device)
+        for index, (dataset_id, sample) in mine:
+            dataset = spec.dataset(dataset_id)
+            conditioning_id = dataset.conditioning_data[0]
+            start_key = sample.start_frames[conditioning_id].key
+            raw = io.BytesIO(store(conditioning_id).get_bytes(start_key))
+            start = load_start_frame(raw, f"{conditioning_id}/{start_key}", height, width)
+            caption = store(dataset_id).get_bytes(sample.caption.key).decode("utf-8", "replace") if sample.caption else ""
+            latents = encode.encode_video_latents(self.vae, start.to(world.device)).float().cpu()
+            self.samples.append(PreparedSample(index, f"{dataset_id}/{sample.stem}", caption.strip(),
+                                               clip_fps(store(dataset_id), sample.clip.key), latents, text(caption)))
+        self.negative = text(spec.validation.negative_prompt) if spec.validation.guidance > 1 else None
+        self.vae.to("cpu")
+        del text_encoder
+        free_memory(world.device)
+
+    def __call__(self, info: StepInfo) -> list[str]:
+        started = time.monotonic()
+        dit, world, spec = info.model, info.world, info.job.spec.validation
+        was_training = dit.training
+        dit.eval()
+        try:
+            with torch.no_grad():
+                if self.samples is None:
+                    self.prepare(info)
+                mine = [self.run_one(info, s) for s in self.samples]
+        finally:
+            dit.train(was_training)
+            if self.vae is not None:
+                self.vae.to("cpu")
+            free_memory(world.device)
+        gathered = {f["index"]: f for rank_files in distributed.gather_objects(mine) for f in rank_files}
+        files = [gathered[index] for index in sorted(gathered)]
+        if world.is_main and files:
+            update_index(info.output, info.step, files, f"{info.job.metadata.name or 'job'}: validation")
+        log.info("validation at step %d: %d videos (%d steps, guidance %s) in %.1fs", info.step, len(files),
+                 spec.num_inference_steps, spec.guidance, time.monotonic() - started)
+        return [uri(info.output, f["mp4"]) for f in files]
+
+    def run_one(self, info: StepInfo, sample: PreparedSample) -> dict:
+        spec, device = info.job.spec.validation, info.world.device
+        _, channels, _, h, w = sample.start_latents.shape
+        noise = initial_noise((1, channels, latent_frames(spec.frames) - 1, h, w), spec.seed + sample.index)
+        settings = SamplerSettings(steps=spec.num_inference_steps, guidance=spec.guidance,
+                                   guidance_method=spec.guidance_method, shift=self.shift)
+        negative = None if self.negative is None else tuple(t.to(device) for t in self.negative)
+        text = tuple(t.to(device) for t in sample.text)
+        latents = sample_latents(info.model, sample.start_latents.to(device), text, negative, noise, settings)
+        self.vae.to(device)
+        frames = to_uint8_frames(encode.decode_latents(self.vae, latents))
+        stem = f"{step_prefix(info.step)}/{sample.index:02d}-{PurePosixPath(sample.name).name}"
+        if info.world.is_main or not self.every_rank:
+            info.output.put_bytes(f"{stem}.mp4", media.mp4_bytes(frames, sample.fps), content_type="video/mp4")
+            sheet = media.contact_sheet_png(frames, caption=sample.prompt, step=info.step)
+            info.output.put_bytes(f"{stem}.png", sheet, content_type="image/png")
+        return {"index": sample.index, "name": sample.name, "prompt": sample.prompt, "mp4": f"{stem}.mp4", "png": f"{stem}.png"}
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
