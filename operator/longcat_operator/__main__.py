@@ -29,7 +29,10 @@ def kopf_args(options: list[str]) -> list[str]:
     args = ["run", "-m", HANDLERS, *options]
     peering = any(o.startswith("--peering") for o in options) and "--standalone" not in options
     if peering and not any(o.startswith("--priority") for o in options):
-        args.append(f"--priority={random.SystemRandom().randint(1, MAX_PRIORITY)}")
+        priority = random.SystemRandom().randint(1, MAX_PRIORITY)
+        # kopf logs peers by identity only; this line tells which replica is which in the peering object.
+        print(f"longcat-operator: peering with priority {priority}", file=sys.stderr, flush=True)
+        args.append(f"--priority={priority}")
     return args
 
 
