@@ -86,17 +86,26 @@ def test_reproduces_official_outputs(reference, reference_model, output, timeste
     torch.testing.assert_close(got, tensors[output], atol=1e-4, rtol=0)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("checkpointed_blocks", [None, 1, 0])
+def test_gradient_checkpointing_gives_the_same_gradients(checkpointed_blocks):
     inputs = tiny_inputs()
 
     def grads(checkpointing: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         model = tiny_model()
         if checkpointing:
             model.enable_gradient_checkpointing()
+            model.checkpointed_blocks = checkpointed_blocks  # all, some or none of the blocks recompute
         assert model.gradient_checkpointing is checkpointing
+        calls = []
+        for block in model.blocks:
+            block.register_forward_pre_hook(lambda *_: calls.append(1))  # recompute may stop before the end
         latents = inputs["hidden_states"].clone().requires_grad_()
         out = model(**{**inputs, "hidden_states": latents}, num_cond_latents=1)
         (out.square().mean()).backward()
+        # A checkpointed block runs twice: in the forward pass and again in backward.
+        blocks = len(model.blocks)
+        recomputed = (blocks if checkpointed_blocks is None else checkpointed_blocks) if checkpointing else 0
+        assert len(calls) == blocks + recomputed
         return latents.grad, {n: p.grad for n, p in model.named_parameters()}
 
     plain_input_grad, plain = grads(False)

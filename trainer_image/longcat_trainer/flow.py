@@ -52,3 +52,17 @@ def make_flow_batch(
 def flow_loss(prediction: torch.Tensor, batch: FlowBatch) -> torch.Tensor:
     """Mean squared error on frames 1.. only (the conditioning frame's output is not trained)."""
     return torch.nn.functional.mse_loss(prediction[:, :, NUM_COND_LATENTS:].float(), batch.target.float())
+
+
+def training_loss(
+    model: torch.nn.Module, clip: torch.Tensor, start: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+    sigma: torch.Tensor, noise: torch.Tensor, dtype: torch.dtype,
+) -> torch.Tensor:
+    """The loss of one micro-batch: frames 1.. noised to sigma, frame 0 the clean start frame at t = 0.
+
+    bench/train_step_bench.py times exactly this (plus backward and the optimizer step) at full size.
+    """
+    fb = make_flow_batch(clip, start, sigma, noise)
+    prediction = model(fb.noisy.to(dtype), fb.timestep, text.to(dtype), text_mask,
+                       num_cond_latents=NUM_COND_LATENTS)
+    return flow_loss(prediction, fb)

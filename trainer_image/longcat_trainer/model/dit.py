@@ -293,6 +293,9 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin):
         self.head_dim = hidden_size // num_heads
         self.text_tokens_zero_pad = text_tokens_zero_pad
         self.gradient_checkpointing = False
+        # With checkpointing on, only the first `checkpointed_blocks` blocks recompute their activations in
+        # backward; the others keep them. None: every block (least memory). The trainer picks it by memory.
+        self.checkpointed_blocks: int | None = None
 
         self.x_embedder = PatchEmbed3D(self.patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(adaln_tembed_dim, frequency_embedding_size)
@@ -369,8 +372,9 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin):
         num_cond_tokens = num_cond_latents * tokens_per_frame
         caches = cond_cache if cond_cache is not None else [None] * len(self.blocks)
 
-        for block, cond_kv in zip(self.blocks, caches, strict=True):
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
+        checkpointed = len(self.blocks) if self.checkpointed_blocks is None else self.checkpointed_blocks
+        for index, (block, cond_kv) in enumerate(zip(self.blocks, caches, strict=True)):
+            if torch.is_grad_enabled() and self.gradient_checkpointing and index < checkpointed:
                 x = self._gradient_checkpointing_func(block, x, y, y_mask, t_emb, rope, num_cond_tokens, cond_kv)
             else:
                 x = block(x, y, y_mask, t_emb, rope, num_cond_tokens, cond_kv)
