@@ -78,7 +78,9 @@ def test_validation_uploads_videos_sheets_and_index_under_the_step_prefix(
     same = [_frames(client.get_object(Bucket=s3_bucket, Key=f"out/validation/step-{s}/00-shape-000.mp4")["Body"].read())
             for s in (3, 6)]
     assert len(same[0]) == 9
-    assert max(np.abs(a.astype(np.int16) - b).mean() for a, b in zip(*same)) < 1.0
+    # (x264 may pick another equally good encoding: a mean difference of a few levels in 255; a different
+    # seed or model changes frames by tens.)
+    assert max(np.abs(a.astype(np.int16) - b).mean() for a, b in zip(*same)) < 4.0
     page = client.get_object(Bucket=s3_bucket, Key="out/index.html")
     assert page["ContentType"].startswith("text/html")
     body = page["Body"].read().decode()
