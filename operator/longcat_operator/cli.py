@@ -2,6 +2,11 @@
 
 validate            check job files offline with the same rules as the API server and the operator
 import-simpletuner  turn SimpleTuner's config.json + multidatabackend.json into a job file
+run                 train a job on this machine (GPUs, or the CPU) with the code the cluster's pods run
+demo                make a tiny dataset and model, and run a job on them on the CPU (about two minutes)
+sample              preview a LoRA: one image-to-video MP4 from a start frame and a prompt
+
+run, demo and sample need the trainer's packages: pip install 'longcat-i2v[trainer]'.
 """
 
 from __future__ import annotations
@@ -76,6 +81,24 @@ def _import_simpletuner(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from .local_run import run_job  # noqa: PLC0415 - keeps validate free of boto3 for API-only installs
+
+    return run_job(args.job, processes=args.gpus, cpu=args.cpu)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo  # noqa: PLC0415
+
+    return run_demo(args.dir)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from longcat_trainer.sample import main as sample_main  # noqa: PLC0415 - torch
+
+    return sample_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longcat-i2v", description=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,11 +116,38 @@ def build_parser() -> argparse.ArgumentParser:
                           "default: config.json's output_dir")
     importer.add_argument("-o", "--out", type=Path, help="write the job here instead of standard output")
     importer.set_defaults(handler=_import_simpletuner)
+
+    run = commands.add_parser("run", help="train a job on this machine; Ctrl-C saves a checkpoint, run again to resume")
+    run.add_argument("job", type=Path, metavar="JOB.yaml", help="local paths in it are relative to its folder")
+    run.add_argument("--gpus", type=_positive, metavar="N",
+                     help="processes to start: one per GPU (default: every GPU; 1 on the CPU)")
+    run.add_argument("--cpu", action="store_true", help="train on the CPU even where there are GPUs")
+    run.set_defaults(handler=_run)
+
+    demo = commands.add_parser("demo", help="a tiny end-to-end job on the CPU, nothing to download")
+    demo.add_argument("--dir", type=Path, default=Path("longcat-demo"),
+                      help="folder for the dataset, model, job file and output (default: ./longcat-demo)")
+    demo.set_defaults(handler=_demo)
+
+    # Its own parser (longcat_trainer.sample) reads the arguments: `longcat-i2v sample --help` lists them.
+    sample = commands.add_parser("sample", help="preview a LoRA: one MP4 from a start frame and a prompt",
+                                 add_help=False)
+    sample.set_defaults(handler=_sample)
     return parser
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.handler is not _sample:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     return args.handler(args)
 
 
