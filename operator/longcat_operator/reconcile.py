@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 from datetime import UTC, datetime
 from typing import Any
 
@@ -61,6 +62,12 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.INFO
     settings.execution.max_workers = 32
     settings.peering.lifetime = SETTINGS.peering_lifetime_s
+    current = OperatorSettings.from_env()  # read now: tests start operators with other environments
+    if current.webhook_port:
+        certs = Path(current.webhook_cert_dir)
+        settings.admission.server = kopf.WebhookServer(
+            addr="0.0.0.0", port=current.webhook_port, certfile=certs / "tls.crt", pkeyfile=certs / "tls.key"
+        )
 
 
 # --- launch -----------------------------------------------------------------------------------------------------
@@ -201,6 +208,16 @@ def launch(body: kopf.Body, patch: kopf.Patch, retry: int, logger: logging.Logge
     kopf.info(body, reason="Launched", message=f"preflight passed ({counts}); gang of "
               f"{job.spec.resources.nodes}x{job.spec.resources.gpus_per_node} GPUs created")
     logger.info("launched %s/%s", namespace, name)
+
+
+@kopf.on.validate(*RESOURCE, id="validate-job")
+def admit(body: kopf.Body, **_: Any) -> None:
+    """The optional webhook: refuses at `kubectl apply` what the operator would fail at launch and CEL cannot
+    say (local directories in a cluster, several credentials Secrets), with the same message."""
+    try:
+        _validate(body)
+    except JobFailed as exc:
+        raise kopf.AdmissionError(str(exc), code=422) from None
 
 
 # --- observe ----------------------------------------------------------------------------------------------------

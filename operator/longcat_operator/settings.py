@@ -21,6 +21,9 @@ class OperatorSettings(BaseModel):
         60, gt=0, description="How long a silent replica keeps the lead before a standby takes over."
     )
 
+    webhook_port: int | None = Field(None, description="Serve the validating webhook on this port (TLS).")
+    webhook_cert_dir: str = Field("/etc/longcat/webhook", description="Holds the webhook's tls.crt and tls.key.")
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
         env = os.environ if env is None else env

@@ -1,0 +1,74 @@
+"""The optional validating webhook, served by the operator and called by the real API server."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+
+import pytest
+
+from tests.fixtures.cluster import free_port, write_pki
+from tests.fixtures.operator import running_operator, wait_for
+from tests.invalid_jobs import MINIMAL
+
+pytestmark = pytest.mark.cluster
+
+
+def _webhook_configuration(name: str, namespace: str, port: int, ca: bytes) -> dict:
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [{
+            "name": "validate-job.longcat.video",
+            "clientConfig": {"url": f"https://127.0.0.1:{port}/validate-job", "caBundle": base64.b64encode(ca).decode()},
+            "rules": [{"apiGroups": ["longcat.video"], "apiVersions": ["v1alpha1"], "operations": ["CREATE", "UPDATE"],
+                       "resources": ["longcati2vjobs"]}],
+            # Only this test's namespace: other tests keep running without the webhook.
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+            "failurePolicy": "Fail",
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "timeoutSeconds": 10,
+        }],
+    }
+
+
+def test_webhook_refuses_what_the_operator_would_fail(crd_installed, namespace, tmp_path, monkeypatch):
+    cluster = crd_installed
+    pki = write_pki(tmp_path)  # a CA and a serving certificate for 127.0.0.1
+    certs = tmp_path / "webhook"
+    certs.mkdir()
+    shutil.copy(pki.serving_cert, certs / "tls.crt")
+    shutil.copy(pki.serving_key, certs / "tls.key")
+    port = free_port()
+    monkeypatch.setenv("LONGCAT_WEBHOOK_PORT", str(port))
+    monkeypatch.setenv("LONGCAT_WEBHOOK_CERT_DIR", str(certs))
+    config = _webhook_configuration(f"longcat-{namespace}", namespace, port, pki.ca_cert.read_bytes())
+
+    local = json.loads(json.dumps(MINIMAL))
+    local["metadata"]["name"] = "local-output"
+    local["spec"]["output"] = {"local": {"path": "/output"}}
+    two_secrets = json.loads(json.dumps(MINIMAL))
+    two_secrets["metadata"]["name"] = "two-secrets"
+    two_secrets["spec"]["output"]["s3"]["credentialsSecret"] = "other-secret"
+
+    with running_operator(cluster, namespace):
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(config))
+        try:
+            def refused_local():
+                result = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(local), check=False)
+                # Until the operator's server listens, the API server answers that it cannot call the webhook.
+                return result if "failed calling webhook" not in result.stderr else None
+
+            result = wait_for("the webhook to answer", refused_local, timeout=60, interval=1)
+            assert result.returncode != 0
+            assert "spec.output.local" in result.stderr and "longcat-i2v run" in result.stderr
+            result = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(two_secrets), check=False)
+            assert result.returncode != 0 and "other-secret, s3-credentials" in result.stderr
+            cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(MINIMAL))
+        finally:
+            cluster.kubectl("delete", "validatingwebhookconfiguration", config["metadata"]["name"], check=False)
+    stored = cluster.kubectl("get", "lcj", "-n", namespace, "-o", "name").stdout.split()
+    assert stored == ["longcati2vjob.longcat.video/minimal"]
