@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from tests.fixtures.cluster import free_port, write_pki
-from tests.fixtures.operator import running_operator, wait_for
+from tests.fixtures.operator import wait_for
 from tests.invalid_jobs import MINIMAL
 
 pytestmark = pytest.mark.cluster
@@ -35,7 +38,7 @@ def _webhook_configuration(name: str, namespace: str, port: int, ca: bytes) -> d
     }
 
 
-def test_webhook_refuses_what_the_operator_would_fail(crd_installed, namespace, tmp_path, monkeypatch):
+def test_webhook_refuses_what_the_operator_would_fail(crd_installed, namespace, tmp_path):
     cluster = crd_installed
     pki = write_pki(tmp_path)  # a CA and a serving certificate for 127.0.0.1
     certs = tmp_path / "webhook"
@@ -43,8 +46,9 @@ def test_webhook_refuses_what_the_operator_would_fail(crd_installed, namespace, 
     shutil.copy(pki.serving_cert, certs / "tls.crt")
     shutil.copy(pki.serving_key, certs / "tls.key")
     port = free_port()
-    monkeypatch.setenv("LONGCAT_WEBHOOK_PORT", str(port))
-    monkeypatch.setenv("LONGCAT_WEBHOOK_CERT_DIR", str(certs))
+    # The operator as the chart runs it with the webhook on: its own process, settings from the environment.
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "LONGCAT_OPERATOR_METRICS_PORT": "0",
+           "LONGCAT_WEBHOOK_PORT": str(port), "LONGCAT_WEBHOOK_CERT_DIR": str(certs)}
     config = _webhook_configuration(f"longcat-{namespace}", namespace, port, pki.ca_cert.read_bytes())
 
     local = json.loads(json.dumps(MINIMAL))
@@ -54,7 +58,10 @@ def test_webhook_refuses_what_the_operator_would_fail(crd_installed, namespace, 
     two_secrets["metadata"]["name"] = "two-secrets"
     two_secrets["spec"]["output"]["s3"]["credentialsSecret"] = "other-secret"
 
-    with running_operator(cluster, namespace):
+    log = (tmp_path / "operator.log").open("w")
+    operator = subprocess.Popen([sys.executable, "-m", "longcat_operator", "--standalone", f"--namespace={namespace}"],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
         cluster.kubectl("apply", "-f", "-", input=json.dumps(config))
         try:
             def refused_local():
@@ -70,5 +77,8 @@ def test_webhook_refuses_what_the_operator_would_fail(crd_installed, namespace, 
             cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(MINIMAL))
         finally:
             cluster.kubectl("delete", "validatingwebhookconfiguration", config["metadata"]["name"], check=False)
+    finally:
+        operator.terminate()
+        operator.wait(30)
     stored = cluster.kubectl("get", "lcj", "-n", namespace, "-o", "name").stdout.split()
     assert stored == ["longcati2vjob.longcat.video/minimal"]

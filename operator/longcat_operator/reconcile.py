@@ -62,11 +62,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.INFO
     settings.execution.max_workers = 32
     settings.peering.lifetime = SETTINGS.peering_lifetime_s
-    current = OperatorSettings.from_env()  # read now: tests start operators with other environments
-    if current.webhook_port:
-        certs = Path(current.webhook_cert_dir)
+    if SETTINGS.webhook_port:
+        certs = Path(SETTINGS.webhook_cert_dir)
         settings.admission.server = kopf.WebhookServer(
-            addr="0.0.0.0", port=current.webhook_port, certfile=certs / "tls.crt", pkeyfile=certs / "tls.key"
+            addr="0.0.0.0", port=SETTINGS.webhook_port, certfile=certs / "tls.crt", pkeyfile=certs / "tls.key"
         )
 
 
@@ -210,7 +209,6 @@ def launch(body: kopf.Body, patch: kopf.Patch, retry: int, logger: logging.Logge
     logger.info("launched %s/%s", namespace, name)
 
 
-@kopf.on.validate(*RESOURCE, id="validate-job")
 def admit(body: kopf.Body, **_: Any) -> None:
     """The optional webhook: refuses at `kubectl apply` what the operator would fail at launch and CEL cannot
     say (local directories in a cluster, several credentials Secrets), with the same message."""
@@ -218,6 +216,11 @@ def admit(body: kopf.Body, **_: Any) -> None:
         _validate(body)
     except JobFailed as exc:
         raise kopf.AdmissionError(str(exc), code=422) from None
+
+
+# kopf refuses to start with an admission handler but no server, so the handler exists only with the webhook.
+if SETTINGS.webhook_port:
+    kopf.on.validate(*RESOURCE, id="validate-job")(admit)
 
 
 # --- observe ----------------------------------------------------------------------------------------------------
@@ -350,7 +353,12 @@ def suspend(body: kopf.Body, new: bool | None, patch: kopf.Patch, **_: Any) -> N
     if current.get("phase") in status.TERMINAL or not _is_launched(current):
         return
     namespace, name = body.metadata.namespace, body.metadata.name
-    kube.set_job_suspended(namespace, manifests.gang_name(name, current.get("restarts", 0)), bool(new))
+    gang = manifests.gang_name(name, current.get("restarts", 0))
+    k8s_job = kube.read_job(namespace, gang)
+    # A restarted operator replays the field as changed when its diff-base was never stored: not a transition.
+    if k8s_job is None or bool(k8s_job.spec.suspend) == bool(new):
+        return
+    kube.set_job_suspended(namespace, gang, bool(new))
     patch.status["phase"] = (Phase.SUSPENDED if new else Phase.LAUNCHING).value
     kopf.info(body, reason="Suspended" if new else "Resumed", message="gang suspended" if new else "gang resumed")
 
