@@ -26,7 +26,8 @@ from longcat_trainer import checkpoint
 from longcat_trainer.data.synthetic import write_shapes_dataset
 from tests.fixtures.operator import wait_for
 from tests.fixtures.s3 import S3Server
-from tests.fixtures.training import free_port, job_document, location, with_vae_cache
+from tests.fixtures.cluster import free_port
+from tests.fixtures.training import job_document, location, with_vae_cache
 
 pytestmark = [pytest.mark.faults, pytest.mark.s3, pytest.mark.slow]
 OUTAGE_S = 20

@@ -29,7 +29,8 @@ from longcat_trainer.data.synthetic import write_shapes_dataset
 from tests.fixtures.cluster import Cluster
 from tests.fixtures.faults import local_command
 from tests.fixtures.operator import get_json, s3_secret, wait_for
-from tests.fixtures.training import free_port, job_document, location, with_vae_cache
+from tests.fixtures.cluster import free_port
+from tests.fixtures.training import job_document, location, with_vae_cache
 from tests.test_operator import _pods, _set_pod, _status
 
 pytestmark = [pytest.mark.faults, pytest.mark.cluster, pytest.mark.s3, pytest.mark.slow]

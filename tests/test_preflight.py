@@ -21,7 +21,8 @@ from longcat_operator.preflight import PreflightResult, read_clip_header, run_pr
 from longcat_operator.s3 import S3Credentials
 from longcat_operator.storage import ObjectRecord, S3Store
 from tests.datasets import CLIP, IMAGE, encode_clip, job, local_place, preflight, s3_place
-from tests.fixtures.s3 import S3Server, free_port
+from tests.fixtures.cluster import free_port
+from tests.fixtures.s3 import S3Server
 
 K = ProblemKind
 

@@ -20,7 +20,8 @@ from safetensors.torch import load as load_safetensors
 from longcat_operator.progress import TrainerProgress
 from longcat_operator.storage import S3Store
 from longcat_trainer.data.synthetic import write_shapes_dataset
-from tests.fixtures.training import free_port, job_document, location, with_vae_cache
+from tests.fixtures.cluster import free_port
+from tests.fixtures.training import job_document, location, with_vae_cache
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 TIME_LIMIT_S = 180

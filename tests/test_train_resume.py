@@ -17,7 +17,8 @@ from longcat_operator.storage import LocalStore
 from longcat_operator.validation import parse_job
 from longcat_trainer import train
 from longcat_trainer.data.synthetic import write_shapes_dataset
-from tests.fixtures.training import free_port, job_document, location, with_vae_cache
+from tests.fixtures.cluster import free_port
+from tests.fixtures.training import job_document, location, with_vae_cache
 
 pytestmark = pytest.mark.slow
 
