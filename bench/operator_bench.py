@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from longcat_operator.manifests import LABEL_ATTEMPT, LABEL_JOB  # noqa: E402
 from tests.fixtures.cluster import start_control_plane  # noqa: E402
-from tests.fixtures.s3 import S3Server, put_objects  # noqa: E402
+from tests.fixtures.s3 import put_objects, running_s3  # noqa: E402
 
 NAMESPACE = "bench"
 SECRET = "s3-credentials"
@@ -80,9 +80,7 @@ def main() -> None:
         t0 = time.monotonic()
         cluster = start_control_plane(stack, workdir)
         print(f"control plane ready in {time.monotonic() - t0:.1f}s")
-        s3 = S3Server(workdir / "s3")
-        s3.start()
-        stack.callback(s3.stop)
+        s3 = stack.enter_context(running_s3(workdir / "s3"))
         bucket = s3.create_bucket("bench")
         stems = [f"clip{i:02d}" for i in range(8)]
         put_objects(s3.client(), bucket, {f"clips/{s}.mp4": b"mp4" for s in stems}
