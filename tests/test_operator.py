@@ -34,6 +34,14 @@ def _dataset(s3: S3Server, bucket: str, stems: list[str], start_frames: list[str
     put_objects(s3.client(), bucket, objects)
 
 
+def _credentials_and_data(cluster: Cluster, namespace: str, s3: S3Server, bucket: str,
+                          start_frames: list[str] | None = None) -> None:
+    """The job's credentials Secret and a paired dataset of STEMS (start frames only for `start_frames`)."""
+    creds = s3.credentials
+    s3_secret(cluster, namespace, SECRET, creds.access_key_id, creds.secret_access_key.get_secret_value())
+    _dataset(s3, bucket, STEMS, start_frames)
+
+
 def _job(name: str, s3: S3Server, bucket: str, nodes: int = 2, **spec: Any) -> dict[str, Any]:
     def where(prefix: str) -> dict[str, Any]:
         return {"s3": {"bucket": bucket, "prefix": prefix, "endpoint": s3.endpoint, "credentialsSecret": SECRET}}
@@ -97,10 +105,8 @@ def _write_progress(s3: S3Server, bucket: str, name: str, phase: str, step: int,
 
 
 def test_job_runs_fails_restarts_and_succeeds(cluster, operator, namespace, s3_server, s3_bucket):
-    creds = s3_server.credentials
-    secret_value = creds.secret_access_key.get_secret_value()
-    s3_secret(cluster, namespace, SECRET, creds.access_key_id, secret_value)
-    _dataset(s3_server, s3_bucket, STEMS)
+    secret_value = s3_server.credentials.secret_access_key.get_secret_value()
+    _credentials_and_data(cluster, namespace, s3_server, s3_bucket)
     _apply(cluster, namespace, _job("train", s3_server, s3_bucket))
 
     status = wait_for("phase Launching", _phase_is(cluster, namespace, "train", "Launching"))
@@ -156,9 +162,7 @@ def test_job_runs_fails_restarts_and_succeeds(cluster, operator, namespace, s3_s
 
 
 def test_missing_start_frames_fail_before_any_pod(cluster, operator, namespace, s3_server, s3_bucket):
-    creds = s3_server.credentials
-    s3_secret(cluster, namespace, SECRET, creds.access_key_id, creds.secret_access_key.get_secret_value())
-    _dataset(s3_server, s3_bucket, STEMS, start_frames=["beach"])
+    _credentials_and_data(cluster, namespace, s3_server, s3_bucket, start_frames=["beach"])
     _apply(cluster, namespace, _job("nodata", s3_server, s3_bucket))
     status = wait_for("phase Failed", _phase_is(cluster, namespace, "nodata", "Failed"))
     ready = next(c for c in status["conditions"] if c["type"] == "DatasetReady")
@@ -168,9 +172,7 @@ def test_missing_start_frames_fail_before_any_pod(cluster, operator, namespace, 
 
 
 def test_bad_input_exit_code_fails_without_restart(cluster, operator, namespace, s3_server, s3_bucket):
-    creds = s3_server.credentials
-    s3_secret(cluster, namespace, SECRET, creds.access_key_id, creds.secret_access_key.get_secret_value())
-    _dataset(s3_server, s3_bucket, STEMS)
+    _credentials_and_data(cluster, namespace, s3_server, s3_bucket)
     _apply(cluster, namespace, _job("badinput", s3_server, s3_bucket, nodes=1))
     wait_for("phase Launching", _phase_is(cluster, namespace, "badinput", "Launching"))
     pod = wait_for("the pod", lambda: _pods(cluster, namespace, "badinput", 0))[0]
@@ -183,9 +185,7 @@ def test_bad_input_exit_code_fails_without_restart(cluster, operator, namespace,
 
 def test_trainer_reported_config_error_fails_without_restart(cluster, operator, namespace, s3_server, s3_bucket):
     # Under torchrun the pod exits 1 whatever the trainer meant; progress.json says it was the configuration.
-    creds = s3_server.credentials
-    s3_secret(cluster, namespace, SECRET, creds.access_key_id, creds.secret_access_key.get_secret_value())
-    _dataset(s3_server, s3_bucket, STEMS)
+    _credentials_and_data(cluster, namespace, s3_server, s3_bucket)
     _apply(cluster, namespace, _job("badconfig", s3_server, s3_bucket, nodes=1))
     wait_for("phase Launching", _phase_is(cluster, namespace, "badconfig", "Launching"))
     pod = wait_for("the pod", lambda: _pods(cluster, namespace, "badconfig", 0))[0]
@@ -211,9 +211,7 @@ def test_local_directories_are_refused_in_a_cluster(cluster, operator, namespace
 
 
 def test_suspend_resume_and_delete(cluster, operator, namespace, s3_server, s3_bucket):
-    creds = s3_server.credentials
-    s3_secret(cluster, namespace, SECRET, creds.access_key_id, creds.secret_access_key.get_secret_value())
-    _dataset(s3_server, s3_bucket, STEMS)
+    _credentials_and_data(cluster, namespace, s3_server, s3_bucket)
     _apply(cluster, namespace, _job("pause", s3_server, s3_bucket, nodes=1))
     wait_for("phase Launching", _phase_is(cluster, namespace, "pause", "Launching"))
     cluster.kubectl("patch", "lcj", "pause", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}')
@@ -229,9 +227,7 @@ def test_suspend_resume_and_delete(cluster, operator, namespace, s3_server, s3_b
 
 
 def test_operator_restart_during_launch_makes_one_job(cluster, crd_installed, namespace, s3_server, s3_bucket):
-    creds = s3_server.credentials
-    s3_secret(cluster, namespace, SECRET, creds.access_key_id, creds.secret_access_key.get_secret_value())
-    _dataset(s3_server, s3_bucket, STEMS)
+    _credentials_and_data(cluster, namespace, s3_server, s3_bucket)
     with running_operator(cluster, namespace):
         _apply(cluster, namespace, _job("twice", s3_server, s3_bucket, nodes=1))
         wait_for("validation started", lambda: _status(cluster, namespace, "twice").get("phase"), interval=0.05)
@@ -256,9 +252,7 @@ def test_two_replicas_one_acts_and_the_other_takes_over(cluster, crd_installed, 
     peering = "longcat-operator"
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(
         {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": peering}}))
-    creds = s3_server.credentials
-    s3_secret(cluster, namespace, SECRET, creds.access_key_id, creds.secret_access_key.get_secret_value())
-    _dataset(s3_server, s3_bucket, STEMS)
+    _credentials_and_data(cluster, namespace, s3_server, s3_bucket)
     logs = [tmp_path / "replica-0.log", tmp_path / "replica-1.log"]
     replicas = [_replica(cluster, namespace, peering, log) for log in logs]
     try:
