@@ -5,15 +5,24 @@ copy), adds the spec's LoRA (rank 8 on qkv, proj, q_linear, kv_linear by default
 step: `flow.training_loss` (frame 0 clean at t = 0, loss on frames 1..), backward, gradient clipping,
 AdamW. Each configuration runs in the same process, so their ratio is measured on the same card:
 
-    baseline   eager, SDPA's default kernel choice, every block checkpointed
-    variants   the optimizations of --variants, each measured on its own (e.g. cudnn+compile+keep2)
+    baseline   eager, SDPA's default kernel choice, every block checkpointed (recomputed whole)
+    variants   the optimizations of --variants, each measured on its own (e.g. cudnn+compile+sac)
+
+Every configuration starts from the same LoRA initialisation and draws the same sigmas and noise, so the
+printed losses of two configurations are one loss curve computed two ways (--steps 20 --warmup 0 gives the
+20-step comparison; each line prints the largest relative difference to the baseline's losses).
 
 Forward FLOPs are counted analytically from the model's shapes (printed with the formula); MFU is
 3 x forward FLOPs / step seconds / peak (989e12: H100 SXM dense bf16), the usual convention that does not credit
 the recomputation of checkpointed blocks.
 
-    python bench/train_step_bench.py [--shapes 93,61,33] [--steps 5] [--variants cudnn,cudnn+compile+keep2]
+    python bench/train_step_bench.py [--shapes 93,61,33] [--steps 5] [--variants cudnn+compile,cudnn+compile+sac]
+    python bench/train_step_bench.py --shapes 33 --grad-check --variants flash,cudnn+compile,cudnn+compile+sac
     python bench/train_step_bench.py --tiny   # the same code path on the CPU at tiny size (for tests)
+
+--grad-check prints, instead of times, how far each configuration's LoRA gradient (one fixed batch, adapters
+at a trained-like state) is from the baseline's; a different attention kernel ('flash') gives the size of
+bf16 rounding noise to compare with.
 """
 
 from __future__ import annotations
@@ -34,10 +43,12 @@ sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "trainer_image")]
 
 from longcat_operator.api import LoraSpec  # noqa: E402
 from longcat_trainer import flow, lora  # noqa: E402
+from longcat_trainer.model import quantize  # noqa: E402
 from longcat_trainer.model.dit import LongCatVideoTransformer3DModel  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100 SXM, dense bf16
 TEXT_TOKENS, TEXT_VALID = 512, 120
+QUANTIZATION = {"fp8": "fp8-torchao", "int8": "int8-quanto"}  # variant option -> spec.training.baseQuantization
 TINY = dict(hidden_size=192, depth=2, num_heads=4, caption_channels=64, adaln_tembed_dim=32,
             frequency_embedding_size=32, text_tokens_zero_pad=True)
 
@@ -74,6 +85,7 @@ def forward_flops(model: LongCatVideoTransformer3DModel, shape: Shape, text: int
 
 def build_model(tiny: bool, device: torch.device, dtype: torch.dtype) -> LongCatVideoTransformer3DModel:
     config = TINY if tiny else {"text_tokens_zero_pad": True}
+    torch.manual_seed(0)
     with torch.device("meta"):
         model = LongCatVideoTransformer3DModel(**config)
     model.to_empty(device=device)
@@ -96,10 +108,53 @@ def attention_context(attention: str):
     return sdpa_kernel([backends[attention]])
 
 
-def run_config(model, shape: Shape, args, *, attention: str, keep_blocks: int, compiled: bool, device) -> dict:
-    dtype = next(model.parameters()).dtype
-    model.enable_gradient_checkpointing()
-    model.checkpointed_blocks = len(model.blocks) - keep_blocks
+@dataclass(frozen=True)
+class Config:
+    name: str
+    attention: str = "default"
+    compiled: bool = False
+    kept_attention: str = "0"  # blocks keeping their self-attention output: a number or "plan" (the trainer's)
+    quantization: str | None = None
+
+    @classmethod
+    def parse(cls, variant: str) -> Config:
+        options = variant.split("+")
+        known = {"default", "cudnn", "flash", "efficient", "compile", "sac", *QUANTIZATION}
+        unknown = [o for o in options if o not in known and not (o.startswith("sac") and o[3:].isdigit())]
+        if unknown:
+            raise SystemExit(f"--variants: {variant!r} has unknown options {unknown}")
+        sac = next((o for o in options if o.startswith("sac")), None)
+        return cls(
+            name=variant,
+            attention=next((o for o in options if o in ("default", "cudnn", "flash", "efficient")), "default"),
+            compiled="compile" in options,
+            kept_attention="0" if sac is None else (sac[3:] or "plan"),
+            quantization=next((QUANTIZATION[o] for o in options if o in QUANTIZATION), None),
+        )
+
+
+def kept_attention_blocks(model, config: Config, tokens: int, device) -> int:
+    """'sacN': N; 'sac': as many blocks as fit in 3/4 of the card (the rest for fragmentation and the sampler).
+
+    Memory model: weights etc. (allocated now) + every block's saved input + one block's backward working set
+    (~34 [tokens, hidden] tensors, fitted on the H100 at 33/61/93 frames) + per kept block its attention
+    output and float32 log-sum-exp.
+    """
+    if config.kept_attention != "plan":
+        return int(config.kept_attention)
+    if device.type != "cuda":
+        return len(model.blocks)
+    width = model.config.hidden_size * model.x_embedder.proj.weight.element_size()
+    depth = len(model.blocks)
+    budget = 0.75 * torch.cuda.mem_get_info(device)[1]
+    needed = torch.cuda.memory_allocated(device) + tokens * width * (depth + 34)
+    per_block = tokens * (width + 4 * model.config.num_heads)
+    return int(max(0, min(depth, (budget - needed) // per_block)))
+
+
+def run_config(model, shape: Shape, args, config: Config, initial_lora: dict, device) -> dict:
+    dtype = model.x_embedder.proj.weight.dtype
+    lora.load_lora_state(model, initial_lora)  # every configuration trains from the same adapters
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     t, h, w = shape.latent()
@@ -114,8 +169,9 @@ def run_config(model, shape: Shape, args, *, attention: str, keep_blocks: int, c
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    model.attention_kept_blocks = kept_attention_blocks(model, config, t * (h // 2) * (w // 2), device)
     times, losses = [], []
-    with attention_context(attention):
+    with attention_context(config.attention):
         for step in range(args.warmup + args.steps):
             sigma = flow.sample_sigmas(1, 12.0, g).to(device)
             noise = torch.randn(clip.shape, generator=g).to(device)
@@ -127,17 +183,61 @@ def run_config(model, shape: Shape, args, *, attention: str, keep_blocks: int, c
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             sync()
-            if step >= args.warmup:
-                times.append(time.perf_counter() - began)
-                losses.append(loss.item())
+            times.append(time.perf_counter() - began)
+            losses.append(loss.item())
+    if args.profile and device.type == "cuda":
+        profile_step(lambda: flow.training_loss(model, clip, start, text, mask, sigma, noise, dtype).backward(),
+                     config)
     fwd, formula = forward_flops(model, shape, text_len)
-    seconds = statistics.median(times)
+    seconds = statistics.median(times[args.warmup:])
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {"shape": f"{shape.height}x{shape.width}x{shape.frames}", "attention": attention, "compiled": compiled,
-            "checkpointed_blocks": model.checkpointed_blocks, "median_step_s": round(seconds, 3),
+    return {"shape": f"{shape.height}x{shape.width}x{shape.frames}", "attention": config.attention,
+            "compiled": config.compiled, "attention_kept_blocks": model.attention_kept_blocks,
+            "quantization": config.quantization, "median_step_s": round(seconds, 3),
             "peak_gib": round(peak, 1), "forward_tflop": round(fwd / 1e12, 1),
-            "mfu_pct": round(100 * 3 * fwd / seconds / PEAK_FLOPS, 1), "losses": [round(x, 4) for x in losses],
-            "flops_formula": formula}
+            "mfu_pct": round(100 * 3 * fwd / seconds / PEAK_FLOPS, 1), "losses": losses, "flops_formula": formula}
+
+
+def profile_step(step, config: Config) -> None:
+    """CUDA kernel time of one step by kernel, to see where the time goes (printed, not part of the figures)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(f"profile of {config.name}:\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
+                                                                     max_name_column_width=90), flush=True)
+
+
+def lora_gradient(model, shape: Shape, args, config: Config, initial_lora: dict, device) -> torch.Tensor:
+    """The LoRA gradient of one fixed batch at a trained-like adapter state (B != 0), all adapters flattened.
+
+    Comparing it between configurations tells whether an optimization changes the gradient by more than a
+    different attention kernel does (rounding), independent of how the optimizer amplifies differences.
+    """
+    g = torch.Generator(device="cpu").manual_seed(1)
+    state = {k: v if "lora_A" in k else 1e-3 * torch.randn(v.shape, generator=g) for k, v in initial_lora.items()}
+    lora.load_lora_state(model, state)
+    t, h, w = shape.latent()
+    clip = torch.randn(1, 16, t, h, w, generator=g).to(device)
+    text_len = TEXT_TOKENS if not args.tiny else 16
+    text = torch.randn(1, 1, text_len, model.config.caption_channels, generator=g).to(device)
+    mask = torch.zeros(1, text_len, dtype=torch.int64, device=device)
+    mask[:, : min(TEXT_VALID, text_len)] = 1
+    sigma, noise = torch.tensor([0.6], device=device), torch.randn(clip.shape, generator=g).to(device)
+    model.attention_kept_blocks = kept_attention_blocks(model, config, t * (h // 2) * (w // 2), device)
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    with attention_context(config.attention):
+        for _ in range(2):  # the first call compiles
+            for p in params:
+                p.grad = None
+            flow.training_loss(model, clip, clip[:, :, :1], text, mask, sigma, noise,
+                               model.x_embedder.proj.weight.dtype).backward()
+    return torch.cat([p.grad.float().flatten().cpu() for p in params])
+
+
+def relative_gap(losses: list[float], reference: list[float]) -> float:
+    return max(abs(a - b) / abs(b) for a, b in zip(losses, reference, strict=True))
 
 
 def main() -> None:
@@ -145,11 +245,16 @@ def main() -> None:
     parser.add_argument("--shapes", default="93,61,33", help="frame counts at 480x832")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--variants", default="cudnn,cudnn+compile,cudnn+compile+keep2",
+    parser.add_argument("--variants", default="cudnn+compile,cudnn+compile+sac",
                         help="optimized configurations, each '+'-joined from: an attention kernel (default, cudnn, "
-                        "flash, efficient), 'compile' (torch.compile each block), 'keepN' (N blocks keep their "
-                        "activations instead of recomputing them); compiled variants must come last")
+                        "flash, efficient), 'compile' (torch.compile each block), 'sac' (blocks keep their "
+                        "self-attention output as the trainer plans it by memory; 'sacN': N blocks), 'fp8' or "
+                        "'int8' (base weights quantized as spec.training.baseQuantization does; irreversible, so "
+                        "quantized variants come last, and all of them with one format)")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print a CUDA kernel profile of each variant")
+    parser.add_argument("--grad-check", action="store_true",
+                        help="instead of timing, print each configuration's LoRA-gradient gap to the first one's")
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU, to test this script")
     args = parser.parse_args()
 
@@ -157,29 +262,46 @@ def main() -> None:
     dtype = torch.float32 if args.tiny else torch.bfloat16
     model = build_model(args.tiny, device, dtype)
     lora.add_lora(model, LoraSpec(rank=8))
+    initial_lora = lora.lora_state(model)
     model.train()
+    model.enable_gradient_checkpointing()
     shapes = [Shape(64, 96, 9)] if args.tiny else [Shape(480, 832, int(f)) for f in args.shapes.split(",")]
     print(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                       "torch": torch.__version__, "params": sum(p.numel() for p in model.parameters())}), flush=True)
-    def report(config: str, **options) -> None:
-        for shape in shapes:
-            print(json.dumps({"config": config, **run_config(model, shape, args, device=device, **options)}),
-                  flush=True)
-
+    configs = [Config.parse(v) for v in args.variants.split(",")]
     if not args.no_baseline:
-        report("baseline", attention="default", keep_blocks=0, compiled=False)
+        configs.insert(0, Config("baseline"))
+    order = [c.quantization is not None for c in configs]
+    if order != sorted(order) or len({c.quantization for c in configs} - {None}) > 1:
+        raise SystemExit("--variants: quantized variants come last, all with one format")
+    baseline_losses: dict[str, list[float]] = {}
+    baseline_grads: dict[Shape, torch.Tensor] = {}
     compiled = False
-    for variant in args.variants.split(","):
-        options = variant.split("+")
-        if "compile" in options and not compiled:
+    for config in configs:
+        if config.quantization and not hasattr(model.blocks[0].ffn.w1, "weight_q"):
+            quantize.quantize_base(model, config.quantization)
+        if config.compiled and not compiled:
             for block in model.blocks:
                 block.compile()
             compiled = True
-        elif compiled and "compile" not in options:
-            raise SystemExit(f"--variants: {variant!r} comes after a compiled variant; put compiled ones last")
-        keep = next((int(o[4:]) for o in options if o.startswith("keep")), 0)
-        attention = next((o for o in options if o in ("default", "cudnn", "flash", "efficient")), "default")
-        report(variant, attention=attention, keep_blocks=keep, compiled=compiled)
+        elif compiled and not config.compiled:
+            raise SystemExit(f"--variants: {config.name!r} comes after a compiled variant; put compiled ones last")
+        for shape in shapes:
+            if args.grad_check:
+                grad = lora_gradient(model, shape, args, config, initial_lora, device)
+                reference = baseline_grads.setdefault(shape, grad)
+                print(json.dumps({"config": config.name, "shape": f"{shape.height}x{shape.width}x{shape.frames}",
+                                  "grad_norm": grad.norm().item(),
+                                  "grad_gap_to_baseline": ((grad - reference).norm() / reference.norm()).item()}),
+                      flush=True)
+                continue
+            result = run_config(model, shape, args, config, initial_lora, device)
+            if config.name == "baseline":
+                baseline_losses[result["shape"]] = result["losses"]
+            elif result["shape"] in baseline_losses:
+                result["max_loss_gap_to_baseline"] = relative_gap(result["losses"], baseline_losses[result["shape"]])
+            result["losses"] = [round(x, 5) for x in result["losses"]]
+            print(json.dumps({"config": config.name, **result}), flush=True)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from longcat_trainer.model.dit import LongCatVideoTransformer3DModel
+from longcat_trainer.model.dit import SDPA_OPS, LongCatVideoTransformer3DModel
 from longcat_trainer.model.tiny import TINY_DIT_CONFIG
 
 REFERENCE = Path("/work/shared/reference")
@@ -86,35 +87,51 @@ def test_reproduces_official_outputs(reference, reference_model, output, timeste
     torch.testing.assert_close(got, tensors[output], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("checkpointed_blocks", [None, 1, 0])
-def test_gradient_checkpointing_gives_the_same_gradients(checkpointed_blocks):
+class SelfAttentionCalls(TorchDispatchMode):
+    """Counts the attention kernels that run, self-attention (keys >= queries) apart from cross-attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.self_attention = self.cross_attention = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in SDPA_OPS:
+            if args[1].shape[-2] >= args[0].shape[-2]:
+                self.self_attention += 1
+            else:
+                self.cross_attention += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("attention_kept_blocks", [0, 1, 2])
+def test_gradient_checkpointing_gives_the_same_gradients(attention_kept_blocks):
     inputs = tiny_inputs()
 
-    def grads(checkpointing: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def grads(checkpointing: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], SelfAttentionCalls]:
         model = tiny_model()
         if checkpointing:
             model.enable_gradient_checkpointing()
-            model.checkpointed_blocks = checkpointed_blocks  # all, some or none of the blocks recompute
+            model.attention_kept_blocks = attention_kept_blocks
         assert model.gradient_checkpointing is checkpointing
-        calls = []
-        for block in model.blocks:
-            block.register_forward_pre_hook(lambda *_: calls.append(1))  # recompute may stop before the end
         latents = inputs["hidden_states"].clone().requires_grad_()
-        out = model(**{**inputs, "hidden_states": latents}, num_cond_latents=1)
-        (out.square().mean()).backward()
-        # A checkpointed block runs twice: in the forward pass and again in backward.
-        blocks = len(model.blocks)
-        recomputed = (blocks if checkpointed_blocks is None else checkpointed_blocks) if checkpointing else 0
-        assert len(calls) == blocks + recomputed
-        return latents.grad, {n: p.grad for n, p in model.named_parameters()}
+        with SelfAttentionCalls() as calls:
+            out = model(**{**inputs, "hidden_states": latents}, num_cond_latents=1)
+            (out.square().mean()).backward()
+        return latents.grad, {n: p.grad for n, p in model.named_parameters()}, calls
 
-    plain_input_grad, plain = grads(False)
-    ckpt_input_grad, ckpt = grads(True)
+    plain_input_grad, plain, plain_calls = grads(False)
+    ckpt_input_grad, ckpt, ckpt_calls = grads(True)
     torch.testing.assert_close(ckpt_input_grad, plain_input_grad)
     assert plain.keys() == ckpt.keys()
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], msg=name)
     assert plain["blocks.0.attn.qkv.weight"].abs().sum() > 0
+    # Every checkpointed block runs its forward again in backward, but self-attention only in the blocks
+    # that do not keep its output (two kernels per block: conditioning tokens, then the noisy ones).
+    blocks = len(tiny_model().blocks)
+    assert plain_calls.self_attention == 2 * blocks and plain_calls.cross_attention == blocks
+    assert ckpt_calls.self_attention == 2 * blocks + 2 * (blocks - attention_kept_blocks)
+    assert ckpt_calls.cross_attention == 2 * blocks
 
 
 def test_per_sample_timestep_equals_the_same_timestep_on_every_frame():

@@ -72,7 +72,8 @@ def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
     Under FSDP this gathers the shards: every rank must call it.
     """
     state = get_peft_model_state_dict(model)
-    return {k: full_tensor(v).detach().float().cpu().contiguous() for k, v in state.items()}
+    # A copy even on the CPU: a snapshot that aliased the live parameters would change as training goes on.
+    return {k: full_tensor(v).detach().to("cpu", torch.float32, copy=True).contiguous() for k, v in state.items()}
 
 
 def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
