@@ -88,10 +88,11 @@ def broadcast_object(value: T) -> T:
     return box[0]
 
 
-def mean_across_ranks(value: float, device: torch.device) -> float:
+def mean_across_ranks(value: torch.Tensor, device: torch.device) -> float:
+    """The mean over the ranks of a one-element tensor, as a float: one host sync."""
     if not dist.is_initialized():
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+        return value.item()
+    tensor = value.detach().to(device, torch.float64, copy=True).reshape(1)
     dist.all_reduce(tensor)
     return tensor.item() / dist.get_world_size()
 

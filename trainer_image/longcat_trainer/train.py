@@ -42,10 +42,11 @@ from longcat_operator.storage import ObjectStore, store_for
 
 from . import checkpoint, distributed, flow, lora
 from .cache import CacheResult, build_caches, cache_location
-from .data.batches import BatchStream
+from .data.batches import BatchStream, DeviceBatches, to_device
 from .data.reader import DiskCache, ShardReader
 from .distributed import World
 from .metrics import DEFAULT_METRICS_PORT, METRICS_PORT_ENV, RateLog, TrainerMetrics
+from .model import quantize
 from .model.loading import CheckpointError, load_dit
 from .model.sources import ModelSourceError, resolve_model_source
 from .report import INDEX_HTML, LOSS_CURVE, Reporter, loss_curve_png, uri
@@ -147,6 +148,8 @@ def _train(job: LongCatI2VJob, hooks: Hooks, world: World, output: ObjectStore, 
     torch.manual_seed(train_spec.seed)  # the same LoRA initialisation on every rank (FSDP keeps each rank's shard)
     lora.add_lora(dit, spec.lora)
     torch.manual_seed(train_spec.seed + world.rank)  # dropout differs between ranks
+    if train_spec.base_quantization is not None:
+        quantize.quantize_base(dit, train_spec.base_quantization)
     if train_spec.gradient_checkpointing:
         dit.enable_gradient_checkpointing()
     if world.device.type == "cuda":
@@ -221,10 +224,11 @@ class TrainingRun:
         self.step, self.history = 0, []
         self.stream = self._stream(epoch=0, index=0)
 
-    def _stream(self, epoch: int, index: int) -> BatchStream:
-        return BatchStream(self.cache.samples, self.cache_stores, batch_size=self.train.batch_size,
-                           seed=self.train.seed, rank=self.world.rank, world_size=self.world.world_size,
-                           epoch=epoch, index=index)
+    def _stream(self, epoch: int, index: int) -> DeviceBatches:
+        stream = BatchStream(self.cache.samples, self.cache_stores, batch_size=self.train.batch_size,
+                             seed=self.train.seed, rank=self.world.rank, world_size=self.world.world_size,
+                             epoch=epoch, index=index)
+        return DeviceBatches(stream, self.world.device)
 
     def state(self) -> dict[str, Any]:
         """Everything a resumed run needs (a collective under FSDP); RNG states of every rank."""
@@ -276,20 +280,25 @@ class TrainingRun:
             self.dit.train()
 
     def train_step(self) -> tuple[float, int]:
-        """One optimizer step over gradient_accumulation micro-batches; returns (loss, latent tokens)."""
+        """One optimizer step over gradient_accumulation micro-batches; returns (loss, latent tokens).
+
+        The only host sync is the loss at the end: the losses add up on the device (in float64, as the
+        Python floats did), and the noise is drawn on the CPU, in checkpointed RNG order, into pinned memory.
+        """
         device, accumulation = self.world.device, self.train.gradient_accumulation
-        loss_sum, tokens = 0.0, 0
+        loss_sum, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
         for micro in range(accumulation):
-            batch = {k: v.to(device) for k, v in self.stream.next().items()}
+            batch = self.stream.next()
             clip = batch["clip"]
-            sigma = flow.sample_sigmas(clip.shape[0], self.train.flow_shift, self.noise_rng).to(device)
-            noise = torch.randn(clip.shape, generator=self.noise_rng).to(device)
+            sigma = to_device(flow.sample_sigmas(clip.shape[0], self.train.flow_shift, self.noise_rng), device)
+            noise = to_device(torch.randn(clip.shape, generator=self.noise_rng, pin_memory=device.type == "cuda"),
+                              device)
             last = micro == accumulation - 1
             with contextlib.nullcontext() if last else distributed.accumulating(self.model):
                 loss = flow.training_loss(self.model, clip, batch["start"], batch["text"], batch["text_mask"],
                                           sigma, noise, self.dtype) / accumulation
                 loss.backward()
-            loss_sum += loss.item()
+            loss_sum += loss.detach()
             tokens += clip[:, 0].numel() // 4  # one DiT token per 2x2 patch of each latent frame
         torch.nn.utils.clip_grad_norm_(self.params, self.train.max_grad_norm)
         self.optimizer.step()

@@ -1,7 +1,8 @@
 """Training batches from the caches: the same epoch order on every rank, each rank its share, read ahead.
 
 The data position is (epoch, index of this rank's next batch); saved in checkpoints, so a resumed job
-continues with exactly the batch it would have trained on next.
+continues with exactly the batch it would have trained on next. On CUDA, DeviceBatches copies the next
+batch to the GPU while the current one trains.
 """
 
 from __future__ import annotations
@@ -94,3 +95,59 @@ class BatchStream:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; to CUDA through pinned memory, so the copy does not block the host."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)  # pin_memory() keeps an already pinned tensor
+
+
+class DeviceBatches:
+    """A BatchStream's batches on `device`. On CUDA the next batch is copied on a side stream as soon as the
+    current one is handed out, so the copy overlaps the current step's compute; on the CPU it is the stream.
+
+    position() is that of the batches handed out: a prefetched batch is not trained on yet, so a checkpoint
+    must not count it.
+    """
+
+    def __init__(self, stream: BatchStream, device: torch.device) -> None:
+        self.stream, self.device = stream, device
+        self._copies = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._ahead: tuple[dict[str, torch.Tensor], torch.cuda.Event, dict[str, int]] | None = None
+        self._position = stream.position()
+
+    @property
+    def wait_seconds(self) -> float:
+        return self.stream.wait_seconds
+
+    def next(self) -> dict[str, torch.Tensor]:
+        if self._copies is None:
+            batch = self.stream.next()
+            self._position = self.stream.position()
+            return batch
+        batch, copied, self._position = self._ahead or self._copy()
+        self._ahead = self._copy()
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(copied)
+        for tensor in batch.values():
+            # Allocated on the copy stream: keep the allocator from reusing it there before the compute is done.
+            tensor.record_stream(compute)
+        return batch
+
+    def _copy(self) -> tuple[dict[str, torch.Tensor], torch.cuda.Event, dict[str, int]]:
+        """The stream's next batch, its copy to the device queued on the side stream, and the position after it."""
+        batch = self.stream.next()
+        with torch.cuda.stream(self._copies):
+            on_device = {k: to_device(v, self.device) for k, v in batch.items()}
+        copied = torch.cuda.Event()
+        copied.record(self._copies)
+        return on_device, copied, self.stream.position()
+
+    def position(self) -> dict[str, int]:
+        return dict(self._position)
+
+    def close(self) -> None:
+        self._ahead = None
+        self.stream.close()
