@@ -249,18 +249,9 @@ class LongCatSingleStreamBlock(nn.Module):
         self.cross_attn = MultiHeadCrossAttention(hidden_size, num_heads)
         self.ffn = FeedForwardSwiGLU(hidden_size, mlp_ratio)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        y_mask: torch.Tensor | None,
-        t_emb: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        num_cond_tokens: int,
-        cond_kv: CondKV | None = None,
-        recompute: Recompute = Recompute.NOTHING,
-    ) -> torch.Tensor:
-        return _run_block(self, recompute, x, y, y_mask, t_emb, rope, num_cond_tokens, cond_kv)
+    def forward(self, *args, recompute: Recompute = Recompute.NOTHING) -> torch.Tensor:
+        """`body(*args)`, with `recompute`'s checkpointing when it is Recompute.ALL_BUT_ATTENTION."""
+        return _run_block(self, recompute, *args)
 
     def body(
         self,
