@@ -120,7 +120,10 @@ def wrap(model: nn.Module, world: World, parallelism: str) -> nn.Module:
         fully_shard(model)
         return model
     device_ids = [world.device.index] if world.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    # Every rank loads the same base from the same files and seeds its adapters alike (train.py), so DDP's
+    # first broadcast would send 27 GB of frozen weights for nothing, and its per-forward buffer broadcast
+    # would resend the 8-bit base weights (quantize.py keeps them as buffers) every step.
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, init_sync=False, broadcast_buffers=False)
 
 
 def accumulating(model: nn.Module) -> contextlib.AbstractContextManager:
