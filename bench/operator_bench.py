@@ -31,29 +31,11 @@ sys.path.insert(0, str(ROOT))
 
 from longcat_operator.manifests import LABEL_ATTEMPT, LABEL_JOB  # noqa: E402
 from tests.fixtures.cluster import start_control_plane  # noqa: E402
-from tests.fixtures.s3 import put_objects, running_s3  # noqa: E402
+from tests.fixtures.operator import CRD_PATH, SECRET, put_dataset, s3_job, s3_secret  # noqa: E402
+from tests.fixtures.s3 import running_s3  # noqa: E402
 
 NAMESPACE = "bench"
-SECRET = "s3-credentials"
 POLL_S = 0.1
-
-
-def job_body(name: str, endpoint: str, bucket: str) -> dict:
-    def where(prefix: str) -> dict:
-        return {"s3": {"bucket": bucket, "prefix": prefix, "endpoint": endpoint, "credentialsSecret": SECRET}}
-
-    return {
-        "apiVersion": "longcat.video/v1alpha1", "kind": "LongCatI2VJob", "metadata": {"name": name},
-        "spec": {
-            "datasets": [
-                {"id": "clips", "type": "video", "isI2V": True, "captionStrategy": "textfile",
-                 "source": where("clips/"), "conditioningData": ["frames"]},
-                {"id": "frames", "type": "conditioning", "source": where("frames/")},
-            ],
-            "output": where(f"out/{name}/"),
-            "maxRestarts": 2,
-        },
-    }
 
 
 def rss_mib(pid: int) -> float:
@@ -82,17 +64,13 @@ def main() -> None:
         print(f"control plane ready in {time.monotonic() - t0:.1f}s")
         s3 = stack.enter_context(running_s3(workdir / "s3"))
         bucket = s3.create_bucket("bench")
-        stems = [f"clip{i:02d}" for i in range(8)]
-        put_objects(s3.client(), bucket, {f"clips/{s}.mp4": b"mp4" for s in stems}
-                    | {f"clips/{s}.txt": b"caption" for s in stems} | {f"frames/{s}.png": b"png" for s in stems})
+        put_dataset(s3, bucket, [f"clip{i:02d}" for i in range(8)])
 
-        cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "longcat.video_longcati2vjobs.yaml"))
+        cluster.kubectl("apply", "--server-side", "-f", str(ROOT / CRD_PATH))
         cluster.kubectl("wait", "--for=condition=Established", "crd/longcati2vjobs.longcat.video")
         cluster.kubectl("create", "namespace", NAMESPACE)
         creds = s3.credentials
-        cluster.kubectl("create", "secret", "generic", SECRET, "-n", NAMESPACE,
-                        f"--from-literal=AWS_ACCESS_KEY_ID={creds.access_key_id}",
-                        f"--from-literal=AWS_SECRET_ACCESS_KEY={creds.secret_access_key.get_secret_value()}")
+        s3_secret(cluster, NAMESPACE, SECRET, creds.access_key_id, creds.secret_access_key.get_secret_value())
 
         env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "LONGCAT_PROGRESS_INTERVAL_S": "2"}
         log = (workdir / "operator.log").open("w")
@@ -123,7 +101,7 @@ def main() -> None:
         for i in range(args.jobs):
             name = f"job-{i:04d}"
             custom.create_namespaced_custom_object("longcat.video", "v1alpha1", NAMESPACE, "longcati2vjobs",
-                                                   job_body(name, s3.endpoint, bucket))
+                                                   s3_job(name, s3, bucket, nodes=1, maxRestarts=2))
             created[name] = time.monotonic()
         print(f"created {args.jobs} jobs in {time.monotonic() - start:.1f}s")
 

@@ -361,8 +361,7 @@ def test_two_replicas_under_the_charts_service_account_elect_one_leader(
     """Two replicas of `python -m longcat_operator`, with the Deployment's args and the ServiceAccount's own
     token: one works and one stands by (kopf peering), and the standby takes over when the leader stops.
     RBAC that misses a verb the operator uses fails here, not in a user's cluster."""
-    from tests.fixtures.operator import s3_secret, wait_for
-    from tests.test_operator import SECRET, STEMS, _apply, _dataset, _job, _phase_is
+    from tests.fixtures.operator import apply_job, credentials_and_data, phase_is, s3_job, wait_for
 
     helm, release, other = installed
     name = f"{release}-longcat-operator"
@@ -387,14 +386,12 @@ def test_two_replicas_under_the_charts_service_account_elect_one_leader(
             "get", "kopfpeering", name, "-n", other, "-o", "json").stdout).get("status") or {}) == 2)
         leader = priorities.index(max(priorities))
         standby = 1 - leader
-        creds = s3_server.credentials
-        s3_secret(cluster, other, SECRET, creds.access_key_id, creds.secret_access_key.get_secret_value())
-        _dataset(s3_server, s3_bucket, STEMS)
+        credentials_and_data(cluster, other, s3_server, s3_bucket)
 
         def launches(job: str, log: Path) -> dict[str, Any]:
-            _apply(cluster, other, _job(job, s3_server, s3_bucket))
+            apply_job(cluster, other, s3_job(job, s3_server, s3_bucket))
             try:
-                status = wait_for(f"{job} Launching", _phase_is(cluster, other, job, "Launching"), timeout=90)
+                status = wait_for(f"{job} Launching", phase_is(cluster, other, job, "Launching"), timeout=90)
             except AssertionError as exc:
                 raise AssertionError(f"{exc}\nlog of the replica expected to act:\n{text(log)[-4000:]}") from None
             assert f"launched {other}/{job}" in text(log)

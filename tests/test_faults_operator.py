@@ -16,9 +16,8 @@ import pytest
 from longcat_operator.manifests import LABEL_JOB
 from tests.fixtures.cluster import Cluster
 from tests.invalid_jobs import CASES
-from tests.fixtures.operator import get_json, running_operator, s3_secret, wait_for
-from tests.test_operator import SECRET, STEMS, _apply, _dataset, _job, _phase_is, _pods, _set_pod, _status, \
-    _write_progress
+from tests.fixtures.operator import apply_job, attempt_pods, credentials_and_data, get_json, job_status, \
+    phase_is, running_operator, s3_job, set_pod_phase, wait_for, write_progress
 
 pytestmark = [pytest.mark.faults, pytest.mark.cluster, pytest.mark.s3]
 # Events a job may post in its whole life here (Launched, the phases, Succeeded): more means a loop.
@@ -39,47 +38,43 @@ def _events(cluster: Cluster, namespace: str, name: str) -> Counter[tuple[str, s
     return counts
 
 
-def _secret_ready(cluster: Cluster, namespace: str, s3) -> None:
-    creds = s3.credentials
-    s3_secret(cluster, namespace, SECRET, creds.access_key_id, creds.secret_access_key.get_secret_value())
-
-
 def test_operator_killed_during_launch_and_during_training(cluster, crd_installed, namespace, s3_server, s3_bucket):
-    _secret_ready(cluster, namespace, s3_server)
-    _dataset(s3_server, s3_bucket, STEMS)
+    credentials_and_data(cluster, namespace, s3_server, s3_bucket)
 
     # Killed while it validates and runs the preflight: the next one finishes the launch, once.
     with running_operator(cluster, namespace) as first:
-        _apply(cluster, namespace, _job("crash", s3_server, s3_bucket, nodes=2))
-        wait_for("the launch to begin", lambda: _status(cluster, namespace, "crash").get("phase"), interval=0.02)
+        apply_job(cluster, namespace, s3_job("crash", s3_server, s3_bucket, nodes=2))
+        wait_for("the launch to begin", lambda: job_status(cluster, namespace, "crash").get("phase"), interval=0.02)
     assert first.exception is None
     with running_operator(cluster, namespace) as second:
-        wait_for("phase Launching", _phase_is(cluster, namespace, "crash", "Launching"))
-        pods = wait_for("2 pods", lambda: (p := _pods(cluster, namespace, "crash", 0)) and len(p) == 2 and p)
+        wait_for("phase Launching", phase_is(cluster, namespace, "crash", "Launching"))
+        pods = wait_for("2 pods", lambda: (p := attempt_pods(cluster, namespace, "crash", 0)) and len(p) == 2 and p)
         for pod in pods:
-            _set_pod(cluster, namespace, pod["metadata"]["name"], "Running")
-        _write_progress(s3_server, s3_bucket, "crash", "Training", 3)
-        wait_for("step 3 in status", lambda: _status(cluster, namespace, "crash").get("progress", {}).get("step") == 3)
+            set_pod_phase(cluster, namespace, pod["metadata"]["name"], "Running")
+        write_progress(s3_server, s3_bucket, "crash", "Training", 3)
+        wait_for("step 3 in status",
+                 lambda: job_status(cluster, namespace, "crash").get("progress", {}).get("step") == 3)
     assert second.exception is None
     assert _jobs(cluster, namespace) == ["crash-a0"]
 
     # Killed while the gang trains; the trainer goes on meanwhile, and one pod fails while nobody watches.
-    _write_progress(s3_server, s3_bucket, "crash", "Training", 7)
-    _set_pod(cluster, namespace, pods[1]["metadata"]["name"], "Failed", exit_code=137)
+    write_progress(s3_server, s3_bucket, "crash", "Training", 7)
+    set_pod_phase(cluster, namespace, pods[1]["metadata"]["name"], "Failed", exit_code=137)
     with running_operator(cluster, namespace) as third:
-        status = wait_for("the gang restarted once", lambda: (s := _status(cluster, namespace, "crash")).get(
+        status = wait_for("the gang restarted once", lambda: (s := job_status(cluster, namespace, "crash")).get(
             "restarts") == 1 and s, timeout=60)
         wait_for("attempt 0 gone", lambda: _jobs(cluster, namespace) == ["crash-a1"])
         assert status["progress"]["step"] == 7
-        pods = wait_for("pods of attempt 1", lambda: (p := _pods(cluster, namespace, "crash", 1)) and len(p) == 2 and p)
+        pods = wait_for("pods of attempt 1",
+                        lambda: (p := attempt_pods(cluster, namespace, "crash", 1)) and len(p) == 2 and p)
     assert third.exception is None
 
     # Killed again; the gang finishes while it is down: the next one sees it and reports success once.
-    _write_progress(s3_server, s3_bucket, "crash", "Succeeded", 10, lora=f"s3://{s3_bucket}/out/crash/lora.safetensors")
+    write_progress(s3_server, s3_bucket, "crash", "Succeeded", 10, lora=f"s3://{s3_bucket}/out/crash/lora.safetensors")
     for pod in pods:
-        _set_pod(cluster, namespace, pod["metadata"]["name"], "Succeeded", exit_code=0)
+        set_pod_phase(cluster, namespace, pod["metadata"]["name"], "Succeeded", exit_code=0)
     with running_operator(cluster, namespace) as fourth:
-        status = wait_for("phase Succeeded", _phase_is(cluster, namespace, "crash", "Succeeded"), timeout=90)
+        status = wait_for("phase Succeeded", phase_is(cluster, namespace, "crash", "Succeeded"), timeout=90)
         assert status["restarts"] == 1 and status["progress"]["step"] == 10
         assert status["artifacts"]["lora"].endswith("out/crash/lora.safetensors")
     assert fourth.exception is None
@@ -96,7 +91,7 @@ def test_operator_killed_during_launch_and_during_training(cluster, crd_installe
 
 
 def _no_credentials_job(name: str, s3, bucket: str, secret: str) -> dict[str, Any]:
-    job = _job(name, s3, bucket, nodes=1)
+    job = s3_job(name, s3, bucket, nodes=1)
     for where in [*(d["source"] for d in job["spec"]["datasets"]), job["spec"]["output"]]:
         where["s3"]["credentialsSecret"] = secret
     return job
@@ -105,13 +100,12 @@ def _no_credentials_job(name: str, s3, bucket: str, secret: str) -> dict[str, An
 def test_missing_or_incomplete_secret_fails_before_any_pod_while_other_jobs_run(
     cluster, operator, namespace, s3_server, s3_bucket
 ):
-    _secret_ready(cluster, namespace, s3_server)
-    _dataset(s3_server, s3_bucket, STEMS)
+    credentials_and_data(cluster, namespace, s3_server, s3_bucket)
     cluster.kubectl("create", "secret", "generic", "half-secret", "-n", namespace,
                     "--from-literal=AWS_ACCESS_KEY_ID=someone")
-    _apply(cluster, namespace, _no_credentials_job("nosecret", s3_server, s3_bucket, "absent-secret"))
-    _apply(cluster, namespace, _no_credentials_job("halfsecret", s3_server, s3_bucket, "half-secret"))
-    _apply(cluster, namespace, _job("good", s3_server, s3_bucket, nodes=1))
+    apply_job(cluster, namespace, _no_credentials_job("nosecret", s3_server, s3_bucket, "absent-secret"))
+    apply_job(cluster, namespace, _no_credentials_job("halfsecret", s3_server, s3_bucket, "half-secret"))
+    apply_job(cluster, namespace, s3_job("good", s3_server, s3_bucket, nodes=1))
 
     # Every malformed job of the catalogue, applied for real while the operator works: none is stored.
     refused = cluster.kubectl("apply", "-n", namespace, "-f", "-", check=False,
@@ -120,13 +114,13 @@ def test_missing_or_incomplete_secret_fails_before_any_pod_while_other_jobs_run(
     stored = get_json(cluster, "-n", namespace, "lcj")["items"]
     assert sorted(j["metadata"]["name"] for j in stored) == ["good", "halfsecret", "nosecret"]
 
-    wait_for("the good job to launch", _phase_is(cluster, namespace, "good", "Launching"))
+    wait_for("the good job to launch", phase_is(cluster, namespace, "good", "Launching"))
     for name, secret, reason, text in [
         ("halfsecret", "half-secret", "CredentialsInvalid", "lacks AWS_SECRET_ACCESS_KEY"),
         # The operator waits for a Secret created just after its job (3 tries, 10 s apart), then gives up.
         ("nosecret", "absent-secret", "CredentialsMissing", "does not exist"),
     ]:
-        status = wait_for(f"{name} Failed", _phase_is(cluster, namespace, name, "Failed"), timeout=90)
+        status = wait_for(f"{name} Failed", phase_is(cluster, namespace, name, "Failed"), timeout=90)
         ready = next(c for c in status["conditions"] if c["type"] == "DatasetReady")
         assert ready["status"] == "False" and ready["reason"] == reason, ready
         assert f"Secret '{secret}'" in ready["message"] and text in ready["message"], ready

@@ -28,10 +28,9 @@ from longcat_operator.storage import S3Store
 from longcat_trainer.data.synthetic import write_shapes_dataset
 from tests.fixtures.cluster import Cluster
 from tests.fixtures.faults import local_command
-from tests.fixtures.operator import get_json, s3_secret, wait_for
+from tests.fixtures.operator import attempt_pods, get_json, phase_is, s3_secret, set_pod_phase, wait_for
 from tests.fixtures.cluster import free_port
 from tests.fixtures.training import job_document, location, with_vae_cache
-from tests.test_operator import _pods, _set_pod, _status
 
 pytestmark = [pytest.mark.faults, pytest.mark.cluster, pytest.mark.s3, pytest.mark.slow]
 SECRET = "run-credentials"
@@ -87,8 +86,8 @@ def test_a_whole_run_leaks_no_secret_and_pods_run_locked_down(
     with_vae_cache(document, where("cache/clips/"), where("cache/frames/"))
     document["metadata"]["name"] = NAME
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(document))
-    wait_for("phase Launching", lambda: _status(cluster, namespace, NAME).get("phase") == "Launching")
-    pod = wait_for("the pod", lambda: _pods(cluster, namespace, NAME, 0))[0]
+    wait_for("phase Launching", phase_is(cluster, namespace, NAME, "Launching"))
+    pod = wait_for("the pod", lambda: attempt_pods(cluster, namespace, NAME, 0))[0]
     _assert_locked_down(pod)
 
     # The kubelet's part: the ConfigMap as a file, the environment, the pod's command.
@@ -100,7 +99,7 @@ def test_a_whole_run_leaks_no_secret_and_pods_run_locked_down(
     assert env["AWS_SECRET_ACCESS_KEY"] == secret_value  # the pod gets it only through its environment
     command = local_command(pod["spec"]["containers"][0]["command"], config, node=int(env["JOB_COMPLETION_INDEX"]))
     command = [arg if not arg.startswith("--master-port=") else f"--master-port={free_port()}" for arg in command]
-    _set_pod(cluster, namespace, pod["metadata"]["name"], "Running")
+    set_pod_phase(cluster, namespace, pod["metadata"]["name"], "Running")
     trainer_log = tmp_path / "trainer.log"
     metrics = ""
     with trainer_log.open("wb") as log:
@@ -118,9 +117,8 @@ def test_a_whole_run_leaks_no_secret_and_pods_run_locked_down(
     logs = trainer_log.read_text(errors="replace")
     assert proc.wait() == 0, logs[-4000:]
     assert "longcat_trainer_step" in metrics
-    _set_pod(cluster, namespace, pod["metadata"]["name"], "Succeeded", exit_code=0)
-    status = wait_for("phase Succeeded", lambda: (s := _status(cluster, namespace, NAME)).get("phase") == "Succeeded"
-                      and s, timeout=90)
+    set_pod_phase(cluster, namespace, pod["metadata"]["name"], "Succeeded", exit_code=0)
+    status = wait_for("phase Succeeded", phase_is(cluster, namespace, NAME, "Succeeded"), timeout=90)
     assert status["progress"]["step"] == 4 and status["artifacts"]["lora"].startswith(f"s3://{s3_bucket}/out/")
 
     places = {

@@ -18,7 +18,8 @@ import pytest
 from longcat_operator.storage import LocalStore
 from longcat_operator.validation import parse_job
 from tests.fixtures.cluster import Cluster, free_port
-from tests.fixtures.operator import running_operator, s3_secret, wait_for
+from tests.fixtures.operator import STEMS, apply_job, attempt_pods, credentials_and_data, phase_is, put_dataset, \
+    running_operator, s3_job, set_pod_phase, wait_for
 from tests.fixtures.prometheus import Prometheus
 from tests.fixtures.training import job_document, location
 
@@ -53,21 +54,17 @@ def run_tiny_trainer(tiny_checkpoint: Path, root: Path) -> None:
 
 def drive_operator(cluster: Cluster, namespace: str, s3_server: Any, s3_bucket: str) -> None:
     """A job launched then restarted once, and one refused by preflight (no start frames)."""
-    from tests.test_operator import SECRET, STEMS, _apply, _dataset, _job, _pods, _phase_is, _set_pod
-
-    creds = s3_server.credentials
-    s3_secret(cluster, namespace, SECRET, creds.access_key_id, creds.secret_access_key.get_secret_value())
-    _dataset(s3_server, s3_bucket, STEMS)
-    _apply(cluster, namespace, _job("watched", s3_server, s3_bucket, nodes=1))
-    wait_for("phase Launching", _phase_is(cluster, namespace, "watched", "Launching"))
-    pod = wait_for("the gang's pod", lambda: _pods(cluster, namespace, "watched", 0))[0]
-    _set_pod(cluster, namespace, pod["metadata"]["name"], "Failed", exit_code=137)
-    wait_for("a gang restart", lambda: _pods(cluster, namespace, "watched", 1))
+    credentials_and_data(cluster, namespace, s3_server, s3_bucket)
+    apply_job(cluster, namespace, s3_job("watched", s3_server, s3_bucket, nodes=1))
+    wait_for("phase Launching", phase_is(cluster, namespace, "watched", "Launching"))
+    pod = wait_for("the gang's pod", lambda: attempt_pods(cluster, namespace, "watched", 0))[0]
+    set_pod_phase(cluster, namespace, pod["metadata"]["name"], "Failed", exit_code=137)
+    wait_for("a gang restart", lambda: attempt_pods(cluster, namespace, "watched", 1))
 
     frames_bucket = s3_server.create_bucket()
-    _dataset(s3_server, frames_bucket, STEMS, start_frames=STEMS[:1])
-    _apply(cluster, namespace, _job("noframes", s3_server, frames_bucket, nodes=1))
-    wait_for("phase Failed", _phase_is(cluster, namespace, "noframes", "Failed"))
+    put_dataset(s3_server, frames_bucket, STEMS, start_frames=STEMS[:1])
+    apply_job(cluster, namespace, s3_job("noframes", s3_server, frames_bucket, nodes=1))
+    wait_for("phase Failed", phase_is(cluster, namespace, "noframes", "Failed"))
 
 
 def test_every_dashboard_panel_finds_series(
