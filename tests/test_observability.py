@@ -41,15 +41,15 @@ def with_variables(expr: str) -> str:
 
 
 def run_tiny_trainer(tiny_checkpoint: Path, root: Path) -> None:
-    """Two optimizer steps of the real trainer on the CPU, with a checkpoint after each."""
-    from longcat_trainer import train
+    """Two optimizer steps of the real trainer on the CPU, a checkpoint after each, and the final validation."""
+    from longcat_trainer import train, validate
     from longcat_trainer.data.synthetic import write_shapes_dataset
 
     write_shapes_dataset(LocalStore(root / "shapes"), count=2, frames=9, height=64, width=112)
     document = job_document(tiny_checkpoint, location(root / "shapes" / "clips"),
                             location(root / "shapes" / "start_frames"), location(root / "out"),
                             training={"maxSteps": 2, "checkpointEvery": 1})
-    train.run(parse_job(document))
+    train.run(parse_job(document), train.Hooks(validate=validate.Validator()))
 
 
 def drive_operator(cluster: Cluster, namespace: str, s3_server: Any, s3_bucket: str) -> None:
@@ -100,6 +100,7 @@ def test_every_dashboard_panel_finds_series(
         assert server.query('longcat_trainer_step{job="tiny"}')[0]["value"][1] == "2"
         checkpoints = server.query('longcat_trainer_checkpoint_seconds_count{job="tiny"}')
         assert checkpoints[0]["value"][1] == "2"
+        assert server.query('longcat_trainer_validation_seconds_count{job="tiny"}')[0]["value"][1] == "1"
         failures = server.query("longcat_operator_preflight_failures_total")
         assert "ClipWithoutStartFrame" in {s["metric"]["reason"] for s in failures}, failures
         phases = {s["metric"]["phase"]: float(s["value"][1]) for s in server.query("longcat_operator_jobs")}

@@ -44,6 +44,13 @@ class TrainerMetrics:
             registry=self.registry,
             buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
         ).labels(job)
+        self.validation_seconds = Histogram(
+            "longcat_trainer_validation_seconds",
+            "Time of one validation pass (every sample's video, contact sheet and report); training waits for it.",
+            labels,
+            registry=self.registry,
+            buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200),
+        ).labels(job)
         cache = Counter(
             "longcat_trainer_cache_entries", "Cache entries by result.", ["job", "result"], registry=self.registry
         )

@@ -275,9 +275,11 @@ class TrainingRun:
 
     def validate(self) -> None:
         if self.hooks.validate is not None:
+            started = time.monotonic()
             self.dit.eval()
             self.reporter.doc.artifacts.validation_videos += self.hooks.validate(self.info())
             self.dit.train()
+            self.metrics.validation_seconds.observe(time.monotonic() - started)
 
     def train_step(self) -> tuple[float, int]:
         """One optimizer step over gradient_accumulation micro-batches; returns (loss, latent tokens).
