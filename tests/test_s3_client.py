@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterator
+from types import SimpleNamespace
 
+import botocore.endpoint
 import pytest
+from botocore.exceptions import EndpointConnectionError
+from pydantic import SecretStr
 
+from longcat_operator import s3
 from longcat_operator.api import Location, S3Location
-from longcat_operator.s3 import MAX_ATTEMPTS, S3AccessError, S3Credentials, make_client
+from longcat_operator.s3 import OPERATOR, TRAINER, RetryBudget, S3AccessError, S3Credentials, client_config, make_client
 from longcat_operator.storage import S3Store, store_for
+from tests.fixtures.cluster import free_port
 from tests.fixtures.s3 import S3Server
 
 
@@ -35,14 +42,59 @@ def test_secret_without_keys_names_the_secret_and_the_missing_key() -> None:
     assert "s3cr3t" not in str(caught.value)
 
 
+@pytest.fixture
+def trainer_budget() -> Iterator[None]:
+    """The process's clients get the trainer's budget (as under `python -m longcat_trainer`) for one test."""
+    s3.use_budget(TRAINER)
+    yield
+    s3.use_budget(OPERATOR)
+
+
 def test_client_is_path_style_with_adaptive_retries_and_timeouts() -> None:
     client = make_client("http://127.0.0.1:9", "eu-west-1")
     config = client.meta.config
     assert client.meta.region_name == "eu-west-1"
     assert config.s3["addressing_style"] == "path"
-    assert config.retries["mode"] == "adaptive"
-    assert config.retries["total_max_attempts"] == MAX_ATTEMPTS
-    assert config.connect_timeout and config.read_timeout
+    assert config.retries == {"mode": "adaptive", "total_max_attempts": OPERATOR.max_attempts}
+    assert (config.connect_timeout, config.read_timeout) == (OPERATOR.connect_timeout, OPERATOR.read_timeout)
+
+
+def test_trainer_budget_is_longer_than_the_operators_and_overridable() -> None:
+    trainer, operator = client_config(TRAINER), client_config(OPERATOR)
+    assert operator.retries["total_max_attempts"] == 5
+    assert trainer.retries["total_max_attempts"] == 18
+    assert trainer.connect_timeout == operator.connect_timeout and trainer.read_timeout == operator.read_timeout
+    assert client_config(max_attempts=1, connect_timeout=1).retries["total_max_attempts"] == 1  # tests' fast fail
+
+
+def test_use_budget_applies_to_clients_made_afterwards(trainer_budget: None) -> None:
+    assert make_client("http://127.0.0.1:9").meta.config.retries["total_max_attempts"] == TRAINER.max_attempts
+    shared = s3.shared_client("http://127.0.0.1:9", None, None)
+    assert shared.meta.config.retries["total_max_attempts"] == TRAINER.max_attempts
+    s3.use_budget(OPERATOR)  # a client cached under the old budget is not handed out any more
+    assert s3.shared_client("http://127.0.0.1:9", None, None).meta.config.retries["total_max_attempts"] == 5
+
+
+def _backoff_waits(budget: RetryBudget, monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The sleeps botocore chooses between the attempts of one request to a port nobody listens on."""
+    waits: list[float] = []
+    monkeypatch.setattr(botocore.endpoint, "time", SimpleNamespace(sleep=waits.append))
+    creds = S3Credentials(access_key_id="AKID", secret_access_key=SecretStr("not-a-secret"))
+    client = make_client(f"http://127.0.0.1:{free_port()}", credentials=creds, config=client_config(budget))
+    with pytest.raises(EndpointConnectionError):
+        client.head_object(Bucket="b", Key="k")
+    return waits
+
+
+def test_trainer_rides_out_a_minute_and_the_operator_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    # botocore's waits are random (full jitter): average a few requests, each on a client of its own (the
+    # retry quota is per client).
+    trainer = [_backoff_waits(TRAINER, monkeypatch) for _ in range(8)]
+    operator = _backoff_waits(OPERATOR, monkeypatch)
+    assert all(len(waits) == TRAINER.max_attempts - 1 for waits in trainer)  # the quota cut none short
+    assert len(operator) == OPERATOR.max_attempts - 1
+    assert sum(map(sum, trainer)) / len(trainer) > 60  # 92.8 s expected, see s3.TRAINER
+    assert max(map(sum, trainer)) <= 185.6 and sum(operator) <= 0.75
 
 
 @pytest.mark.s3

@@ -235,17 +235,20 @@ def _job_condition(k8s_job: Any, type_: str) -> bool:
     return any(c.type == type_ and c.status == "True" for c in (k8s_job.status.conditions or []))
 
 
-def _bad_input_message(namespace: str, name: str, attempt: int) -> str | None:
-    """The trainer's termination message when a pod exited with the bad-input code, else None."""
+def _termination_message(
+    namespace: str, name: str, attempt: int, exit_code: int | None = None, *, meaning: str = "see its log"
+) -> str | None:
+    """The trainer's termination message from a pod of the attempt that exited with `exit_code` (any failure
+    when None); when the pod left none (killed, out of memory), its code and `meaning`. None without such a pod."""
     selector = f"{manifests.LABEL_JOB}={name},{manifests.LABEL_ATTEMPT}={attempt}"
     for pod in kube.pods_of(namespace, selector):
         for container in pod.status.container_statuses or []:
             terminated = container.state and container.state.terminated
-            if terminated and terminated.exit_code == EXIT_CONFIG_ERROR:
-                return terminated.message or (
-                    f"pod {pod.metadata.name} exited with code {EXIT_CONFIG_ERROR}: the job's configuration or data "
-                    "is wrong (see its log)"
-                )
+            if terminated and terminated.exit_code and exit_code in (None, terminated.exit_code):
+                if terminated.message:
+                    return terminated.message
+                why = f" ({terminated.reason})" if terminated.reason else ""
+                return f"pod {pod.metadata.name} exited with code {terminated.exit_code}{why}: {meaning}"
     return None
 
 
@@ -257,11 +260,16 @@ def _final_failure(
     failure = progress.failure if progress is not None else None
     if failure is not None and failure.reason in NO_RESTART:
         return failure.reason, failure.message
-    message = _bad_input_message(namespace, name, attempt)
+    message = _termination_message(namespace, name, attempt, EXIT_CONFIG_ERROR,
+                                   meaning="the job's configuration or data is wrong (see its log)")
     if message is not None:
         return "BadInput", message
     if attempt >= max_restarts:
-        return "MaxRestartsExceeded", f"the gang failed {attempt + 1} times (maxRestarts {max_restarts})"
+        # progress.json when rank 0 could write it; the pods' termination messages when it could not (S3 down).
+        cause = failure.message if failure is not None else _termination_message(namespace, name, attempt)
+        return "MaxRestartsExceeded", f"the gang failed {attempt + 1} times (maxRestarts {max_restarts})" + (
+            f"; last error: {cause}" if cause else ""
+        )
     return None
 
 

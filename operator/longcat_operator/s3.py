@@ -1,4 +1,4 @@
-"""The one S3 client configuration used by the operator, the trainer and the CLI.
+"""The one S3 client configuration used by the operator, the trainer and the CLI, with a retry budget per role.
 
 Credentials come either from the job's Secret (read by the operator and passed in explicitly) or from the
 environment (the trainer's pods get the Secret as AWS_* variables). Errors of access are turned into
@@ -12,6 +12,7 @@ import functools
 import binascii
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import boto3
@@ -20,13 +21,37 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 DEFAULT_REGION = "us-east-1"
-# Total attempts per request, the first included; "adaptive" adds client-side rate limiting on throttling.
-MAX_ATTEMPTS = 5
-CONNECT_TIMEOUT_S = 5.0
-# Per socket read, not per object: a slow multi-GB GET is fine as long as bytes keep coming.
-READ_TIMEOUT_S = 60.0
 # Enough connections for the preflight's concurrent listings and the reader's parallel downloads.
 MAX_POOL_CONNECTIONS = 32
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBudget:
+    """How long one request keeps trying before it raises: attempts (the first included) and socket timeouts.
+
+    botocore 1.44 ("standard" and "adaptive" modes) sleeps rand(0, 1) * min(0.05 s * 2**i, 20 s) before retry
+    i (0-based) after a connection error or a 5xx, and 1 s instead of 0.05 s on throttling (older botocore
+    used 1 s for every error: the waits below are then longer). Each retry also takes 14 units of a
+    per-client quota of 500 that only successful calls give back: concurrent requests riding out one outage
+    share about 35 retries. An attempt itself lasts up to its connect timeout when the endpoint does not
+    answer, and up to its read timeout when the server accepts but never replies.
+    """
+
+    max_attempts: int
+    connect_timeout: float
+    # Per socket read, not per object: a slow multi-GB GET is fine as long as bytes keep coming.
+    read_timeout: float
+
+
+# The operator's calls run inside reconcile handlers that the next tick repeats: fail fast. Backoff of 4
+# retries: at most 0.05 + 0.1 + 0.2 + 0.4 = 0.75 s (15 s when throttled); 5 * 5 s more when unreachable.
+OPERATOR = RetryBudget(max_attempts=5, connect_timeout=5.0, read_timeout=60.0)
+# A trainer that gives up costs a gang restart and the steps since the last checkpoint: ride out about a
+# minute. Backoff of 17 retries: at most 0.05 * (2**9 - 1) + 8 * 20 = 185.6 s, on average half that (92.8 s);
+# 97% of requests keep trying past 60 s, 99% past 54 s. When unreachable, 18 * 5 s more: 275.6 s at most.
+TRAINER = RetryBudget(max_attempts=18, connect_timeout=5.0, read_timeout=60.0)
+# Every client this process makes uses this budget; the trainer's entry point switches it with `use_budget`.
+_budget = OPERATOR
 
 ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
 SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
@@ -95,18 +120,23 @@ class S3AccessError(Exception):
     """An S3 location cannot be used; the message says which one and what to do, and holds no secret."""
 
 
-def client_config(
-    *,
-    max_attempts: int = MAX_ATTEMPTS,
-    connect_timeout: float = CONNECT_TIMEOUT_S,
-    read_timeout: float = READ_TIMEOUT_S,
-) -> Config:
+def use_budget(budget: RetryBudget) -> None:
+    """Sets the retry budget of the clients this process makes from now on (called before any is made)."""
+    global _budget
+    _budget = budget
+    shared_client.cache_clear()
+
+
+def client_config(budget: RetryBudget | None = None, **overrides: float) -> Config:
+    """The config of `budget` (default: the process's), with fields of it overridden (tests fail fast)."""
+    chosen = replace(budget or _budget, **overrides)
     return Config(
         # Path style works with every S3 server (SeaweedFS, MinIO, Ceph) and with dotted bucket names.
         s3={"addressing_style": "path"},
-        retries={"mode": "adaptive", "total_max_attempts": max_attempts},
-        connect_timeout=connect_timeout,
-        read_timeout=read_timeout,
+        # "adaptive" adds client-side rate limiting once the server throttles.
+        retries={"mode": "adaptive", "total_max_attempts": chosen.max_attempts},
+        connect_timeout=chosen.connect_timeout,
+        read_timeout=chosen.read_timeout,
         max_pool_connections=MAX_POOL_CONNECTIONS,
     )
 

@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from longcat_operator import s3
 from longcat_operator.progress import EXIT_CONFIG_ERROR, EXIT_PREEMPTED
 from longcat_operator.validation import InvalidJob, parse_job
 
@@ -23,10 +24,12 @@ from longcat_operator.validation import InvalidJob, parse_job
 TERMINATION_LOG = Path(os.environ.get("LONGCAT_TERMINATION_LOG", "/dev/termination-log"))
 # torchrun exits 1 whatever its workers' codes: a launcher that needs ours reads it from this file.
 EXIT_CODE_FILE_ENV = "LONGCAT_EXIT_CODE_FILE"
+# Any other failure: the code of an uncaught exception, which the operator answers with a gang restart.
+EXIT_ERROR = 1
 
 
-def _terminate(code: int, message: str) -> int:
-    logging.getLogger("longcat_trainer").error("%s", message)
+def _terminate(code: int, message: str, *, exc_info: bool = False) -> int:
+    logging.getLogger("longcat_trainer").error("%s", message, exc_info=exc_info)
     if TERMINATION_LOG.is_file():  # only in a pod: never create files under /dev elsewhere
         TERMINATION_LOG.write_text(message[:4000])  # Kubernetes keeps at most 4 KiB
     if exit_file := os.environ.get(EXIT_CODE_FILE_ENV):
@@ -57,8 +60,15 @@ def main(argv: list[str] | None = None) -> int:
         return _terminate(EXIT_PREEMPTED, str(exc))
     except train.CONFIG_ERRORS as exc:
         return _terminate(EXIT_CONFIG_ERROR, f"{type(exc).__name__}: {exc}")
+    except Exception as exc:
+        # Worth a restart; the operator shows this message when it gives up on the gang (S3 being down
+        # included, when progress.json cannot say it).
+        return _terminate(EXIT_ERROR, f"{type(exc).__name__}: {exc}", exc_info=True)
     return 0
 
 
 if __name__ == "__main__":
+    # A trainer that gives up costs a gang restart: its S3 requests ride out outages the operator's would not.
+    # Set here, not in main(), so that tests calling main() in-process keep their own budget afterwards.
+    s3.use_budget(s3.TRAINER)
     sys.exit(main())

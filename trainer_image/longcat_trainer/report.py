@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from PIL import Image, ImageDraw
 
 from longcat_operator.progress import PROGRESS_KEY, Failure, FailureReason, Phase, TrainerProgress
+from longcat_operator.s3 import S3AccessError
 from longcat_operator.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,13 @@ class Reporter:
         self.write(force=True)
 
     def fail(self, reason: FailureReason, message: str) -> None:
+        """Records the failure in progress.json if the output can still be written; when it cannot (S3 is
+        down), the caller's exception must still propagate: the termination message then carries it."""
         self.doc.failure = Failure(reason=reason, message=message)
-        self.phase("Failed")
+        try:
+            self.phase("Failed")
+        except (S3AccessError, OSError) as exc:
+            log.warning("the failure is not in progress.json: %s", exc)
 
     def write(self, *, force: bool = False) -> None:
         now = time.monotonic()
