@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import base64
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
+from typing import Any
 
 import botocore.endpoint
 import pytest
@@ -95,6 +98,36 @@ def test_trainer_rides_out_a_minute_and_the_operator_fails_fast(monkeypatch: pyt
     assert len(operator) == OPERATOR.max_attempts - 1
     assert sum(map(sum, trainer)) / len(trainer) > 60  # 92.8 s expected, see s3.TRAINER
     assert max(map(sum, trainer)) <= 185.6 and sum(operator) <= 0.75
+
+
+def test_trainer_threads_ride_out_an_outage_together(trainer_budget: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four threads stalled by one outage each keep their whole budget: botocore's retry quota (35 retries
+    per client) would cut a shared client's requests short, so the trainer's clients are per thread."""
+    waits: dict[int, list[float]] = {}
+    monkeypatch.setattr(botocore.endpoint, "time",
+                        SimpleNamespace(sleep=lambda s: waits.setdefault(threading.get_ident(), []).append(s)))
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    creds = S3Credentials(access_key_id="AKID", secret_access_key=SecretStr("not-a-secret"))
+
+    def request(_: int) -> Any:
+        client = s3.shared_client(endpoint, None, creds)
+        assert client is s3.shared_client(endpoint, None, creds)  # cached within the thread
+        with pytest.raises(EndpointConnectionError):
+            client.head_object(Bucket="b", Key="k")
+        return client
+
+    with ThreadPoolExecutor(4) as pool:
+        clients = list(pool.map(request, range(4)))
+    assert len({id(c) for c in clients}) == 4
+    assert len(waits) == 4 and all(len(w) == TRAINER.max_attempts - 1 for w in waits.values())
+
+
+def test_operator_threads_share_one_client() -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    first = s3.shared_client(endpoint, None, None)
+    with ThreadPoolExecutor(4) as pool:
+        clients = list(pool.map(lambda _: s3.shared_client(endpoint, None, None), range(4)))
+    assert all(c is first for c in clients)
 
 
 @pytest.mark.s3

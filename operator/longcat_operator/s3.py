@@ -11,6 +11,7 @@ import base64
 import functools
 import binascii
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -32,15 +33,18 @@ class RetryBudget:
     botocore 1.44 ("standard" and "adaptive" modes) sleeps rand(0, 1) * min(0.05 s * 2**i, 20 s) before retry
     i (0-based) after a connection error or a 5xx, and 1 s instead of 0.05 s on throttling (older botocore
     used 1 s for every error: the waits below are then longer). Each retry also takes 14 units of a
-    per-client quota of 500 that only successful calls give back: concurrent requests riding out one outage
-    share about 35 retries. An attempt itself lasts up to its connect timeout when the endpoint does not
-    answer, and up to its read timeout when the server accepts but never replies.
+    per-client quota of 500 that only successful calls give back: concurrent requests of one client riding
+    out one outage share about 35 retries, so a budget of more than 35 retries per request needs a client per
+    thread. An attempt itself lasts up to its connect timeout when the endpoint does not answer, and up to its
+    read timeout when the server accepts but never replies.
     """
 
     max_attempts: int
     connect_timeout: float
     # Per socket read, not per object: a slow multi-GB GET is fine as long as bytes keep coming.
     read_timeout: float
+    # One client per thread (see the quota above): the trainer's reader downloads in several threads at once.
+    client_per_thread: bool = False
 
 
 # The operator's calls run inside reconcile handlers that the next tick repeats: fail fast. Backoff of 4
@@ -49,7 +53,7 @@ OPERATOR = RetryBudget(max_attempts=5, connect_timeout=5.0, read_timeout=60.0)
 # A trainer that gives up costs a gang restart and the steps since the last checkpoint: ride out about a
 # minute. Backoff of 17 retries: at most 0.05 * (2**9 - 1) + 8 * 20 = 185.6 s, on average half that (92.8 s);
 # 97% of requests keep trying past 60 s, 99% past 54 s. When unreachable, 18 * 5 s more: 275.6 s at most.
-TRAINER = RetryBudget(max_attempts=18, connect_timeout=5.0, read_timeout=60.0)
+TRAINER = RetryBudget(max_attempts=18, connect_timeout=5.0, read_timeout=60.0, client_per_thread=True)
 # Every client this process makes uses this budget; the trainer's entry point switches it with `use_budget`.
 _budget = OPERATOR
 
@@ -124,7 +128,7 @@ def use_budget(budget: RetryBudget) -> None:
     """Sets the retry budget of the clients this process makes from now on (called before any is made)."""
     global _budget
     _budget = budget
-    shared_client.cache_clear()
+    _cached_client.cache_clear()
 
 
 def client_config(budget: RetryBudget | None = None, **overrides: float) -> Config:
@@ -168,13 +172,21 @@ def make_client(
     )
 
 
-@functools.lru_cache(maxsize=64)
 def shared_client(endpoint: str | None, region: str | None, credentials: S3Credentials | None) -> Any:
-    """One client per endpoint, region and credentials, reused across threads (boto3 clients are thread-safe).
+    """One client per endpoint, region and credentials, reused across threads (boto3 clients are thread-safe),
+    or per thread too when the process's budget says so.
 
     Building a client parses botocore's service model: about 0.1 s of CPU, which an operator reading
     progress.json of hundreds of jobs every few seconds cannot spend each time.
     """
+    thread = threading.get_ident() if _budget.client_per_thread else None
+    return _cached_client(endpoint, region, credentials, thread)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_client(
+    endpoint: str | None, region: str | None, credentials: S3Credentials | None, thread: int | None
+) -> Any:
     return make_client(endpoint, region, credentials)
 
 
