@@ -37,20 +37,17 @@ class TrainerMetrics:
         self.data_wait = Counter(
             "longcat_trainer_data_wait_seconds", "Time the loop waited for data.", labels, registry=self.registry
         ).labels(job)
-        self.checkpoint_seconds = Histogram(
-            "longcat_trainer_checkpoint_seconds",
-            "Time to write one checkpoint.",
-            labels,
-            registry=self.registry,
-            buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
-        ).labels(job)
-        self.validation_seconds = Histogram(
-            "longcat_trainer_validation_seconds",
+        def histogram(name: str, text: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"longcat_trainer_{name}", text, labels, registry=self.registry,
+                             buckets=buckets).labels(job)
+
+        self.checkpoint_seconds = histogram("checkpoint_seconds", "Time to write one checkpoint.",
+                                            (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300))
+        self.validation_seconds = histogram(
+            "validation_seconds",
             "Time of one validation pass (every sample's video, contact sheet and report); training waits for it.",
-            labels,
-            registry=self.registry,
-            buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200),
-        ).labels(job)
+            (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200),
+        )
         cache = Counter(
             "longcat_trainer_cache_entries", "Cache entries by result.", ["job", "result"], registry=self.registry
         )
