@@ -16,7 +16,6 @@ because the official model computes them in float32. LoRA adapters wrap the quan
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 FORMATS = {"fp8-torchao": torch.float8_e4m3fn, "int8-quanto": torch.int8}
@@ -89,9 +88,6 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _QuantizedMatmul.apply(x, self.weight_q, self.weight_scale, self.fp8_matmuls)
         return out if self.bias is None else out + self.bias.to(out.dtype)
-
-    def dequantized(self) -> torch.Tensor:
-        return self.weight_q.float() * self.weight_scale
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
