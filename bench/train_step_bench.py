@@ -113,7 +113,7 @@ class Config:
     name: str
     attention: str = "default"
     compiled: bool = False
-    kept_attention: str = "0"  # blocks keeping their self-attention output: a number or "plan" (the trainer's)
+    kept_attention: str = "0"  # blocks keeping their self-attention output: a number or "plan" (by memory)
     quantization: str | None = None
 
     @classmethod
@@ -152,6 +152,17 @@ def kept_attention_blocks(model, config: Config, tokens: int, device) -> int:
     return int(max(0, min(depth, (budget - needed) // per_block)))
 
 
+def random_batch(model, shape: Shape, args, g: torch.Generator, device) -> tuple[torch.Tensor, ...]:
+    """Clip latents [1, 16, T, H, W], caption states and a mask with TEXT_VALID real tokens, drawn from g."""
+    t, h, w = shape.latent()
+    clip = torch.randn(1, 16, t, h, w, generator=g).to(device)
+    text_len = TEXT_TOKENS if not args.tiny else 16
+    text = torch.randn(1, 1, text_len, model.config.caption_channels, generator=g).to(device)
+    mask = torch.zeros(1, text_len, dtype=torch.int64, device=device)
+    mask[:, : min(TEXT_VALID, text_len)] = 1
+    return clip, text, mask
+
+
 def run_config(model, shape: Shape, args, config: Config, initial_lora: dict, device) -> dict:
     dtype = model.x_embedder.proj.weight.dtype
     lora.load_lora_state(model, initial_lora)  # every configuration trains from the same adapters
@@ -159,12 +170,8 @@ def run_config(model, shape: Shape, args, config: Config, initial_lora: dict, de
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     t, h, w = shape.latent()
     g = torch.Generator(device="cpu").manual_seed(0)
-    clip = torch.randn(1, 16, t, h, w, generator=g).to(device)
+    clip, text, mask = random_batch(model, shape, args, g, device)
     start = clip[:, :, :1].clone()
-    text_len = TEXT_TOKENS if not args.tiny else 16
-    text = torch.randn(1, 1, text_len, model.config.caption_channels, generator=g).to(device)
-    mask = torch.zeros(1, text_len, dtype=torch.int64, device=device)
-    mask[:, : min(TEXT_VALID, text_len)] = 1
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -188,7 +195,7 @@ def run_config(model, shape: Shape, args, config: Config, initial_lora: dict, de
     if args.profile and device.type == "cuda":
         profile_step(lambda: flow.training_loss(model, clip, start, text, mask, sigma, noise, dtype).backward(),
                      config)
-    fwd, formula = forward_flops(model, shape, text_len)
+    fwd, formula = forward_flops(model, shape, text.shape[2])
     seconds = statistics.median(times[args.warmup:])
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return {"shape": f"{shape.height}x{shape.width}x{shape.frames}", "attention": config.attention,
@@ -219,11 +226,7 @@ def lora_gradient(model, shape: Shape, args, config: Config, initial_lora: dict,
     state = {k: v if "lora_A" in k else 1e-3 * torch.randn(v.shape, generator=g) for k, v in initial_lora.items()}
     lora.load_lora_state(model, state)
     t, h, w = shape.latent()
-    clip = torch.randn(1, 16, t, h, w, generator=g).to(device)
-    text_len = TEXT_TOKENS if not args.tiny else 16
-    text = torch.randn(1, 1, text_len, model.config.caption_channels, generator=g).to(device)
-    mask = torch.zeros(1, text_len, dtype=torch.int64, device=device)
-    mask[:, : min(TEXT_VALID, text_len)] = 1
+    clip, text, mask = random_batch(model, shape, args, g, device)
     sigma, noise = torch.tensor([0.6], device=device), torch.randn(clip.shape, generator=g).to(device)
     model.attention_kept_blocks = kept_attention_blocks(model, config, t * (h // 2) * (w // 2), device)
     params = [p for n, p in model.named_parameters() if p.requires_grad]
@@ -248,7 +251,7 @@ def main() -> None:
     parser.add_argument("--variants", default="cudnn+compile,cudnn+compile+sac",
                         help="optimized configurations, each '+'-joined from: an attention kernel (default, cudnn, "
                         "flash, efficient), 'compile' (torch.compile each block), 'sac' (blocks keep their "
-                        "self-attention output as the trainer plans it by memory; 'sacN': N blocks), 'fp8' or "
+                        "self-attention output, as many as fit in 3/4 of the card; 'sacN': N blocks), 'fp8' or "
                         "'int8' (base weights quantized as spec.training.baseQuantization does; irreversible, so "
                         "quantized variants come last, and all of them with one format)")
     parser.add_argument("--no-baseline", action="store_true")
