@@ -121,6 +121,24 @@ def test_cache_stays_within_its_bound(s3_server: S3Server, tmp_path: Path) -> No
         list(_reader(manifest, stores, too_small, rank=0, world_size=1).epoch(0))
 
 
+def test_downloads_in_flight_count_against_the_bound(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path / "cache", max_bytes=1000)
+    first, second, third = (tmp_path / "cache" / name for name in ("a", "b", "c"))
+    for path in (first, second):
+        cache.pin(path)
+    cache.reserve(first, 600, "a")  # downloading, nothing on disk yet
+    with pytest.raises(ReadError, match=r"full of files in use; raise the cache size or lower prefetch"):
+        cache.reserve(second, 600, "b")
+    cache.remove(second)
+    first.write_bytes(bytes(600))
+    cache.commit(first, "md5")
+    cache.unpin(first)
+    cache.reserve(second, 600, "b")  # evicts the committed, no longer pinned file
+    assert not first.exists() and cache.used_bytes == 600
+    cache.reserve(third, 400, "c")
+    assert cache.used_bytes == 1000
+
+
 @pytest.mark.s3
 def test_download_survives_the_server_going_away_and_back(s3_server_private: S3Server, tmp_path: Path) -> None:
     server = s3_server_private

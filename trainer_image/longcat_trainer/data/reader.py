@@ -132,25 +132,30 @@ class DiskCache:
         self.remove(path)
         return False
 
-    def reserve(self, size: int, for_key: str) -> None:
-        """Evict unpinned files until `size` more bytes fit."""
+    def reserve(self, path: Path, size: int, for_key: str) -> None:
+        """Count `size` bytes for `path` before its download, evicting unpinned files until they fit.
+
+        Counting at reservation, not at commit, keeps concurrent downloads from each seeing the same free room.
+        """
         with self._lock:
             if size > self.max_bytes:
                 raise ReadError(f"{for_key} ({size} bytes) is larger than the whole cache ({self.max_bytes} bytes)")
-            for path in list(self._sizes):
-                if self._used + size <= self.max_bytes:
-                    return
-                if path not in self._pins:
-                    self._remove_locked(path)
-            if self._used + size > self.max_bytes:
+            needed = size - self._sizes.get(path, 0)
+            for other in list(self._sizes):
+                if self._used + needed <= self.max_bytes:
+                    break
+                if other != path and other not in self._pins:
+                    self._remove_locked(other)
+            if self._used + needed > self.max_bytes:
                 raise ReadError(
                     f"cache of {self.max_bytes} bytes is full of files in use; raise the cache size or lower prefetch"
                 )
+            self._add_locked(path, size)
 
-    def commit(self, path: Path, md5: str, size: int) -> None:
+    def commit(self, path: Path, md5: str) -> None:
         path.with_name(path.name + ".md5").write_text(md5)
         with self._lock:
-            self._add_locked(path, size)
+            self._sizes.move_to_end(path)
 
     def remove(self, path: Path) -> None:
         with self._lock:
@@ -251,11 +256,18 @@ class ShardReader:
         if self.cache.valid(path, obj):
             return path
         where = f"dataset '{dataset_id}': {location.rstrip('/')}/{obj.key}"
+        self.cache.pin(path)  # its reserved room must not be evicted by another thread while it downloads
+        try:
+            return self._fetch_with_retries(dataset_id, obj, path, where)
+        finally:
+            self.cache.unpin(path)
+
+    def _fetch_with_retries(self, dataset_id: str, obj: ManifestObject, path: Path, where: str) -> Path:
         for attempt in range(1, self.attempts + 1):
             try:
-                self.cache.reserve(obj.size, where)
+                self.cache.reserve(path, obj.size, where)
                 md5 = self._download(self.stores[dataset_id], obj, path)
-                self.cache.commit(path, md5, obj.size)
+                self.cache.commit(path, md5)
                 return path
             except ObjectChangedError as exc:
                 self.cache.remove(path)
