@@ -102,23 +102,23 @@ def test_trainer_rides_out_a_minute_and_the_operator_fails_fast(monkeypatch: pyt
 
 def test_trainer_threads_ride_out_an_outage_together(trainer_budget: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """Four threads stalled by one outage each keep their whole budget: botocore's retry quota (35 retries
-    per client) would cut a shared client's requests short, so the trainer's clients are per thread."""
+    per client) would cut a shared client's requests short, so the trainer's clients are per thread, also
+    when the threads share one store built elsewhere (as the reader's workers do)."""
     waits: dict[int, list[float]] = {}
     monkeypatch.setattr(botocore.endpoint, "time",
                         SimpleNamespace(sleep=lambda s: waits.setdefault(threading.get_ident(), []).append(s)))
-    endpoint = f"http://127.0.0.1:{free_port()}"
     creds = S3Credentials(access_key_id="AKID", secret_access_key=SecretStr("not-a-secret"))
+    location = Location(s3=S3Location(bucket="clips", endpoint=f"http://127.0.0.1:{free_port()}"))
+    store = store_for(location, what="dataset 'clips'", credentials=lambda _: creds)
 
-    def request(_: int) -> Any:
-        client = s3.shared_client(endpoint, None, creds)
-        assert client is s3.shared_client(endpoint, None, creds)  # cached within the thread
-        with pytest.raises(EndpointConnectionError):
-            client.head_object(Bucket="b", Key="k")
-        return client
+    def request(_: int) -> int:
+        with pytest.raises(S3AccessError, match="dataset 'clips'"):
+            store.stat("k")
+        return id(store.client.meta)  # the calling thread's client (and its retry quota)
 
     with ThreadPoolExecutor(4) as pool:
-        clients = list(pool.map(request, range(4)))
-    assert len({id(c) for c in clients}) == 4
+        clients = set(pool.map(request, range(4)))
+    assert len(clients) == 4
     assert len(waits) == 4 and all(len(w) == TRAINER.max_attempts - 1 for w in waits.values())
 
 

@@ -183,6 +183,21 @@ def shared_client(endpoint: str | None, region: str | None, credentials: S3Crede
     return _cached_client(endpoint, region, credentials, thread)
 
 
+class ThreadClient:
+    """A client that is `shared_client(endpoint, region, credentials)` of whichever thread calls it.
+
+    A store is built once but used by many threads (the trainer's reader workers and batch prefetcher); a
+    client bound at construction would be the constructing thread's, and its threads would share one retry
+    quota after all.
+    """
+
+    def __init__(self, endpoint: str | None, region: str | None, credentials: S3Credentials | None) -> None:
+        self._key = (endpoint, region, credentials)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(shared_client(*self._key), name)
+
+
 @functools.lru_cache(maxsize=256)
 def _cached_client(
     endpoint: str | None, region: str | None, credentials: S3Credentials | None, thread: int | None

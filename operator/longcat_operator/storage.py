@@ -19,7 +19,7 @@ from typing import Any, BinaryIO, Protocol
 from botocore.exceptions import BotoCoreError, ClientError
 
 from .api import Location
-from .s3 import S3Credentials, access_error, endpoint_of, shared_client
+from .s3 import S3Credentials, ThreadClient, access_error, endpoint_of
 
 # ListObjectsV2 returns at most 1000 keys a page whatever is asked.
 LIST_PAGE_SIZE = 1000
@@ -246,5 +246,5 @@ def store_for(location: Location, *, what: str, credentials: CredentialsLookup =
         return LocalStore(Path(location.local.path.removeprefix("file://")), what=what)
     s3 = location.s3
     assert s3 is not None  # Location's rule: exactly one of s3 / local
-    client = shared_client(s3.endpoint, s3.region, credentials(s3.credentials_secret))
+    client = ThreadClient(s3.endpoint, s3.region, credentials(s3.credentials_secret))
     return S3Store(client, s3.bucket, s3.prefix, what=what, secret_name=s3.credentials_secret)
