@@ -12,8 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import kopf
 import pytest
 
+from longcat_operator import reconcile
 from longcat_operator.progress import EXIT_CONFIG_ERROR, PROGRESS_KEY, TrainerProgress
 from tests.fixtures.cluster import Cluster
 from tests.fixtures.operator import SECRET, apply_job, attempt_pods, credentials_and_data, get_json, job_status, \
@@ -159,9 +161,24 @@ def test_operator_restart_during_launch_makes_one_job(cluster, crd_installed, na
     assert runner.exception is None
 
 
+def test_a_stale_timer_body_does_not_bring_back_a_replaced_attempt(cluster, crd_installed, namespace, s3_server,
+                                                                   s3_bucket, monkeypatch):
+    """The timer may run on a body from before its own restart's status patch (a slow watch): it must not
+    recreate the attempt that the restart replaced, nor restart again."""
+    monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
+    credentials_and_data(cluster, namespace, s3_server, s3_bucket)
+    apply_job(cluster, namespace, s3_job("stale", s3_server, s3_bucket, nodes=1))
+    body = kopf.Body({**get_json(cluster, "-n", namespace, "lcj", "stale"), "status": {"phase": "Running"}})
+    reconcile._ensure_gang(reconcile._job_of(body), reconcile._owner(body), 1)  # attempt 1 replaced attempt 0
+    patch = kopf.Patch()
+    reconcile.observe(body=body, patch=patch)
+    assert not patch
+    assert [j["metadata"]["name"] for j in get_json(cluster, "-n", namespace, "jobs")["items"]] == ["stale-a1"]
+
+
 def _replica(cluster: Cluster, namespace: str, peering: str, log: Path) -> subprocess.Popen:
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "LONGCAT_OPERATOR_METRICS_PORT": "0",
-           "LONGCAT_PEERING_LIFETIME_S": "6", "LONGCAT_PROGRESS_INTERVAL_S": "1"}
+           "LONGCAT_PEERING_LIFETIME_S": "20", "LONGCAT_PROGRESS_INTERVAL_S": "1"}
     return subprocess.Popen([sys.executable, "-m", "longcat_operator", f"--peering={peering}", f"--namespace={namespace}"],
                             env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 

@@ -289,6 +289,10 @@ def _mirror(progress: TrainerProgress, into: dict[str, Any]) -> None:
     into["artifacts"] = Artifacts.model_validate(artifacts).model_dump(by_alias=True, exclude_none=True)
 
 
+def _restarted_since(namespace: str, name: str, attempt: int) -> bool:
+    return kube.read_job(namespace, manifests.gang_name(name, attempt + 1)) is not None
+
+
 @kopf.timer(*RESOURCE, interval=SETTINGS.progress_interval_s, when=lambda status, **kw: _is_launched(status))
 @_timed("observe")
 def observe(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
@@ -297,9 +301,13 @@ def observe(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     generation = body.metadata.get("generation")
     attempt = current.get("restarts", 0)
     conditions = current.get("conditions")
+    k8s_job = kube.read_job(namespace, manifests.gang_name(name, attempt))
+    if (k8s_job is None or _job_condition(k8s_job, "Failed")) and _restarted_since(namespace, name, attempt):
+        # The timer's body predates the status patch of our own restart (a slow watch): acting on it would
+        # recreate the replaced attempt or restart twice. The next tick sees the new attempt.
+        return
     job = _job_of(body)
     credentials = _credentials(job, retry=SECRET_RETRIES)
-    k8s_job = kube.read_job(namespace, manifests.gang_name(name, attempt))
     update: dict[str, Any] = {"artifacts": dict(current.get("artifacts") or {})}
     progress = _read_progress(job, credentials)
     if progress is not None:
