@@ -26,15 +26,16 @@ from longcat_trainer.data.synthetic import write_shapes_dataset
 from tests.fixtures.training import job_document, location
 
 CLI = str(Path(sys.executable).with_name("longcat-i2v"))
-MAX_STEPS = 16
+# Long enough that Ctrl-C, sent when the first checkpoint appears, lands before training ends on a slow machine.
+MAX_STEPS = 40
 TIME_LIMIT_S = 240
 
 
 def write_job(folder: Path, model: Path, **training: object) -> Path:
     """A job file whose data and output paths are relative to its own folder (the model path is absolute)."""
     document = job_document(model, location("data/clips"), location("data/start_frames"), location("out"),
-                            training={"maxSteps": MAX_STEPS, "checkpointEvery": 4, "keepCheckpoints": 10,
-                                      **training})
+                            training={"maxSteps": MAX_STEPS, "checkpointEvery": 4,
+                                      "keepCheckpoints": MAX_STEPS // 4 + 2, **training})
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(document), encoding="utf-8")
     return path
@@ -120,7 +121,7 @@ def wait_for(predicate, process: subprocess.Popen, what: str) -> None:
     while not predicate():
         assert process.poll() is None, f"the run ended (exit {process.returncode}) before {what}"
         assert time.monotonic() < deadline, f"no {what} within {TIME_LIMIT_S}s"
-        time.sleep(0.1)
+        time.sleep(0.02)
 
 
 @pytest.mark.slow
@@ -134,7 +135,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tiny_checkpoint:
     first = subprocess.Popen(command, cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        # The first checkpoint (step 4 of 16) proves training is under way: press Ctrl-C, as a terminal does,
+        # The first checkpoint (step 4) proves training is under way: press Ctrl-C, as a terminal does,
         # by signalling the command's process group.
         wait_for(lambda: (out / LATEST_CHECKPOINT_KEY).is_file(), first, "a first checkpoint")
         os.killpg(first.pid, signal.SIGINT)

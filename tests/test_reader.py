@@ -46,7 +46,7 @@ def _setup(server: S3Server | None, tmp_path: Path, n: int = 6) -> tuple[JobSpec
 
 
 def _reader(manifest: Manifest, stores: dict[str, ObjectStore], cache: DiskCache, **kw) -> ShardReader:
-    return ShardReader(manifest, "train", store_for=stores.__getitem__, cache=cache, backoff_s=0.05, **kw)
+    return ShardReader(manifest, "train", store_for=stores.__getitem__, cache=cache, **{"backoff_s": 0.05, **kw})
 
 
 @pytest.mark.s3
@@ -148,7 +148,9 @@ def test_download_survives_the_server_going_away_and_back(s3_server_private: S3S
     restart.start()
     try:
         cache = DiskCache(tmp_path / "cache", max_bytes=1 << 20)
-        samples = list(_reader(manifest, stores, cache, rank=0, world_size=1, attempts=6).epoch(0))
+        # Retries for up to a minute: the restart itself takes a second or more on a loaded machine.
+        reader = _reader(manifest, stores, cache, rank=0, world_size=1, attempts=8, backoff_s=0.25)
+        samples = list(reader.epoch(0))
     finally:
         restart.join()
     assert sorted(s.stem for s in samples) == ["c00", "c01"]

@@ -19,7 +19,10 @@ def _listening_addresses(pid: int) -> set[str]:
     """Local addresses of the process's listening TCP sockets, from /proc."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
-        target = os.readlink(fd) if fd.is_symlink() else ""
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile: the server opens and closes files all the time
+            continue
         if m := re.fullmatch(r"socket:\[(\d+)\]", target):
             inodes.add(m.group(1))
     addresses = set()
