@@ -270,7 +270,8 @@ def main() -> None:
     model.enable_gradient_checkpointing()
     shapes = [Shape(64, 96, 9)] if args.tiny else [Shape(480, 832, int(f)) for f in args.shapes.split(",")]
     print(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                      "torch": torch.__version__, "params": sum(p.numel() for p in model.parameters())}), flush=True)
+                      "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
+                      "params": sum(p.numel() for p in model.parameters())}), flush=True)
     configs = [Config.parse(v) for v in args.variants.split(",")]
     if not args.no_baseline:
         configs.insert(0, Config("baseline"))
