@@ -139,6 +139,23 @@ def test_downloads_in_flight_count_against_the_bound(tmp_path: Path) -> None:
     assert cache.used_bytes == 1000
 
 
+def test_a_failed_download_leaves_a_copy_another_thread_committed(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path / "cache", max_bytes=1000)
+    shared = tmp_path / "cache" / "frame"
+    for _ in range(2):  # two samples with the same start frame download it at once
+        cache.pin(shared)
+        cache.reserve(shared, 600, "frame")
+    shared.write_bytes(bytes(600))
+    cache.commit(shared, "md5")
+    cache.abandon(shared)  # the other download failed
+    assert shared.is_file() and cache.used_bytes == 600
+    cache.abandon(tmp_path / "cache" / "never-committed")
+    lone = tmp_path / "cache" / "lone"
+    cache.reserve(lone, 300, "lone")
+    cache.abandon(lone)
+    assert cache.used_bytes == 600
+
+
 @pytest.mark.s3
 def test_download_survives_the_server_going_away_and_back(s3_server_private: S3Server, tmp_path: Path) -> None:
     server = s3_server_private

@@ -161,6 +161,13 @@ class DiskCache:
         with self._lock:
             self._remove_locked(path)
 
+    def abandon(self, path: Path) -> None:
+        """Releases a failed download's room, unless another download of the same object (two samples can share
+        a start frame) committed it meanwhile: that copy is verified and in use."""
+        with self._lock:
+            if not path.with_name(path.name + ".md5").exists():
+                self._remove_locked(path)
+
     def _add_locked(self, path: Path, size: int) -> None:
         self._used += size - self._sizes.get(path, 0)
         self._sizes[path] = size
@@ -270,19 +277,19 @@ class ShardReader:
                 self.cache.commit(path, md5)
                 return path
             except ObjectChangedError as exc:
-                self.cache.remove(path)
+                self.cache.abandon(path)
                 raise ReadError(
                     f"{where} changed after the manifest was frozen ({exc}): restore it, or start a new job "
                     "so that preflight freezes the data again"
                 ) from None
             except ClientError as exc:
-                self.cache.remove(path)
+                self.cache.abandon(path)
                 code = str(exc.response.get("Error", {}).get("Code", ""))
                 if code in _FINAL_CODES:
                     raise ReadError(f"{where}: S3 answered {code}") from None
                 error: Exception = exc
             except (BotoCoreError, OSError, VerifyError) as exc:
-                self.cache.remove(path)
+                self.cache.abandon(path)
                 error = exc
             if attempt < self.attempts:
                 delay = self.backoff_s * 2 ** (attempt - 1)
