@@ -131,7 +131,7 @@ def test_downloads_in_flight_count_against_the_bound(tmp_path: Path) -> None:
         cache.reserve(second, 600, "b")
     cache.remove(second)
     first.write_bytes(bytes(600))
-    cache.commit(first, "md5")
+    cache.commit(first, "md5", 600)
     cache.unpin(first)
     cache.reserve(second, 600, "b")  # evicts the committed, no longer pinned file
     assert not first.exists() and cache.used_bytes == 600
@@ -139,17 +139,20 @@ def test_downloads_in_flight_count_against_the_bound(tmp_path: Path) -> None:
     assert cache.used_bytes == 1000
 
 
-def test_a_failed_download_leaves_a_copy_another_thread_committed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fails", ["before", "after"])
+def test_a_failed_download_leaves_the_copy_another_thread_commits(fails: str, tmp_path: Path) -> None:
     cache = DiskCache(tmp_path / "cache", max_bytes=1000)
     shared = tmp_path / "cache" / "frame"
-    for _ in range(2):  # two samples with the same start frame download it at once
+    for _ in range(2):  # two samples with the same start frame download it at once; one download fails
         cache.pin(shared)
         cache.reserve(shared, 600, "frame")
+    if fails == "before":
+        cache.abandon(shared)
     shared.write_bytes(bytes(600))
-    cache.commit(shared, "md5")
-    cache.abandon(shared)  # the other download failed
+    cache.commit(shared, "md5", 600)
+    if fails == "after":
+        cache.abandon(shared)
     assert shared.is_file() and cache.used_bytes == 600
-    cache.abandon(tmp_path / "cache" / "never-committed")
     lone = tmp_path / "cache" / "lone"
     cache.reserve(lone, 300, "lone")
     cache.abandon(lone)

@@ -152,10 +152,11 @@ class DiskCache:
                 )
             self._add_locked(path, size)
 
-    def commit(self, path: Path, md5: str) -> None:
+    def commit(self, path: Path, md5: str, size: int) -> None:
         path.with_name(path.name + ".md5").write_text(md5)
         with self._lock:
-            self._sizes.move_to_end(path)
+            # Counted again: a failed download of the same object may have released the reservation meanwhile.
+            self._add_locked(path, size)
 
     def remove(self, path: Path) -> None:
         with self._lock:
@@ -274,7 +275,7 @@ class ShardReader:
             try:
                 self.cache.reserve(path, obj.size, where)
                 md5 = self._download(self.stores[dataset_id], obj, path)
-                self.cache.commit(path, md5)
+                self.cache.commit(path, md5, obj.size)
                 return path
             except ObjectChangedError as exc:
                 self.cache.abandon(path)
