@@ -164,7 +164,7 @@ def test_operator_restart_during_launch_makes_one_job(cluster, crd_installed, na
 def test_a_stale_timer_body_does_not_bring_back_a_replaced_attempt(cluster, crd_installed, namespace, s3_server,
                                                                    s3_bucket, monkeypatch):
     """The timer may run on a body from before its own restart's status patch (a slow watch): it must not
-    recreate the attempt that the restart replaced, nor restart again."""
+    recreate the attempt that the restart replaced."""
     monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
     credentials_and_data(cluster, namespace, s3_server, s3_bucket)
     apply_job(cluster, namespace, s3_job("stale", s3_server, s3_bucket, nodes=1))
