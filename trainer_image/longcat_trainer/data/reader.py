@@ -82,6 +82,11 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _sidecar(path: Path) -> Path:
+    """Where a cached file's MD5 is written once its download is verified."""
+    return path.with_name(path.name + ".md5")
+
+
 class DiskCache:
     """Files named by (location, key, ETag), least recently used evicted beyond `max_bytes`.
 
@@ -121,7 +126,7 @@ class DiskCache:
                 del self._pins[path]
 
     def valid(self, path: Path, obj: ManifestObject) -> bool:
-        sidecar = path.with_name(path.name + ".md5")
+        sidecar = _sidecar(path)
         if not (path.exists() and sidecar.exists()):
             return False
         if path.stat().st_size == obj.size and _md5(path) == sidecar.read_text():
@@ -153,7 +158,7 @@ class DiskCache:
             self._add_locked(path, size)
 
     def commit(self, path: Path, md5: str, size: int) -> None:
-        path.with_name(path.name + ".md5").write_text(md5)
+        _sidecar(path).write_text(md5)
         with self._lock:
             # Counted again: a failed download of the same object may have released the reservation meanwhile.
             self._add_locked(path, size)
@@ -166,7 +171,7 @@ class DiskCache:
         """Releases a failed download's room, unless another download of the same object (two samples can share
         a start frame) committed it meanwhile: that copy is verified and in use."""
         with self._lock:
-            if not path.with_name(path.name + ".md5").exists():
+            if not _sidecar(path).exists():
                 self._remove_locked(path)
 
     def _add_locked(self, path: Path, size: int) -> None:
@@ -176,7 +181,7 @@ class DiskCache:
 
     def _remove_locked(self, path: Path) -> None:
         self._used -= self._sizes.pop(path, 0)
-        path.with_name(path.name + ".md5").unlink(missing_ok=True)
+        _sidecar(path).unlink(missing_ok=True)
         path.unlink(missing_ok=True)
 
 
