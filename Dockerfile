@@ -1,13 +1,15 @@
-# The operator image: kopf and the job API, no torch. Build from the repository root:
+# The operator image: the job contract and the controller (kopf), no torch. Build from the repository root:
 #   docker build -t ghcr.io/longcat-i2v/operator:0.1.0 .
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
-# setuptools finds both packages (pyproject.toml), so both trees are copied; only the operator extra is installed.
+# The dependencies first, in a layer of their own (no code yet: setuptools finds no packages), so that a code
+# change rebuilds only the last layer.
 COPY pyproject.toml constraints.txt README.md ./
-COPY operator ./operator
-COPY trainer_image ./trainer_image
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir -c constraints.txt ".[operator]"
+# operator/ holds longcat_job and longcat_operator; the trainer's package is not part of this image.
+COPY operator ./operator
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --force-reinstall .
 
 FROM python:3.11-slim-bookworm
 COPY --from=build /opt/venv /opt/venv

@@ -29,7 +29,7 @@ from kubernetes import client, config
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from longcat_operator.manifests import LABEL_ATTEMPT, LABEL_JOB  # noqa: E402
+from longcat_operator.gang import LABEL_ATTEMPT, LABEL_JOB  # noqa: E402
 from tests.fixtures.cluster import start_control_plane  # noqa: E402
 from tests.fixtures.operator import CRD_PATH, SECRET, put_dataset, s3_job, s3_secret  # noqa: E402
 from tests.fixtures.s3 import running_s3  # noqa: E402

@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from longcat_operator.api import JobSpec  # noqa: E402
-from longcat_operator.preflight import run_preflight  # noqa: E402
+from longcat_job.api import JobSpec  # noqa: E402
+from longcat_job.preflight import run_preflight  # noqa: E402
 from tests.fixtures.s3 import S3Server  # noqa: E402
 
 

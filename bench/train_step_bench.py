@@ -41,10 +41,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "trainer_image")]
 
-from longcat_operator.api import LoraSpec  # noqa: E402
+from longcat_job.api import LoraSpec  # noqa: E402
 from longcat_trainer import flow, lora  # noqa: E402
 from longcat_trainer.model import quantize  # noqa: E402
 from longcat_trainer.model.dit import LongCatVideoTransformer3DModel  # noqa: E402
+from longcat_trainer.model.prepare import BlockPlan  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100 SXM, dense bf16
 TEXT_TOKENS, TEXT_VALID = 512, 120
@@ -152,6 +153,14 @@ def kept_attention_blocks(model, config: Config, tokens: int, device) -> int:
     return int(max(0, min(depth, (budget - needed) // per_block)))
 
 
+def apply_plan(model, config: Config, kept: int) -> None:
+    """The trainer's block plan (checkpointing always on, as in training) for this configuration, traced afresh:
+    dynamo guards neither on the SDPA kernel nor on a checkpointing policy, so a graph compiled for an earlier
+    configuration would otherwise be reused."""
+    torch._dynamo.reset()
+    BlockPlan(checkpointing=True, attention_kept_blocks=kept, compile=config.compiled).apply(model)
+
+
 def random_batch(model, shape: Shape, args, g: torch.Generator, device) -> tuple[torch.Tensor, ...]:
     """Clip latents [1, 16, T, H, W], caption states and a mask with TEXT_VALID real tokens, drawn from g."""
     t, h, w = shape.latent()
@@ -176,7 +185,8 @@ def run_config(model, shape: Shape, args, config: Config, initial_lora: dict, de
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model.attention_kept_blocks = kept_attention_blocks(model, config, t * (h // 2) * (w // 2), device)
+    kept = kept_attention_blocks(model, config, t * (h // 2) * (w // 2), device)
+    apply_plan(model, config, kept)
     times, losses = [], []
     with attention_context(config.attention):
         for step in range(args.warmup + args.steps):
@@ -199,7 +209,7 @@ def run_config(model, shape: Shape, args, config: Config, initial_lora: dict, de
     seconds = statistics.median(times[args.warmup:])
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return {"shape": f"{shape.height}x{shape.width}x{shape.frames}", "attention": config.attention,
-            "compiled": config.compiled, "attention_kept_blocks": model.attention_kept_blocks,
+            "compiled": config.compiled, "attention_kept_blocks": kept,
             "quantization": config.quantization, "median_step_s": round(seconds, 3),
             "peak_gib": round(peak, 1), "forward_tflop": round(fwd / 1e12, 1),
             "mfu_pct": round(100 * 3 * fwd / seconds / PEAK_FLOPS, 1), "losses": losses, "flops_formula": formula}
@@ -228,7 +238,8 @@ def lora_gradient(model, shape: Shape, args, config: Config, initial_lora: dict,
     t, h, w = shape.latent()
     clip, text, mask = random_batch(model, shape, args, g, device)
     sigma, noise = torch.tensor([0.6], device=device), torch.randn(clip.shape, generator=g).to(device)
-    model.attention_kept_blocks = kept_attention_blocks(model, config, t * (h // 2) * (w // 2), device)
+    kept = kept_attention_blocks(model, config, t * (h // 2) * (w // 2), device)
+    apply_plan(model, config, kept)
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     with attention_context(config.attention):
         for _ in range(2):  # the first call compiles
@@ -267,7 +278,6 @@ def main() -> None:
     lora.add_lora(model, LoraSpec(rank=8))
     initial_lora = lora.lora_state(model)
     model.train()
-    model.enable_gradient_checkpointing()
     shapes = [Shape(64, 96, 9)] if args.tiny else [Shape(480, 832, int(f)) for f in args.shapes.split(",")]
     print(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                       "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
@@ -280,16 +290,9 @@ def main() -> None:
         raise SystemExit("--variants: quantized variants come last, all with one format")
     baseline_losses: dict[str, list[float]] = {}
     baseline_grads: dict[Shape, torch.Tensor] = {}
-    compiled = False
     for config in configs:
         if config.quantization and not hasattr(model.blocks[0].ffn.w1, "weight_q"):
             quantize.quantize_base(model, config.quantization)
-        if config.compiled and not compiled:
-            for block in model.blocks:
-                block.compile()
-            compiled = True
-        elif compiled and not config.compiled:
-            raise SystemExit(f"--variants: {config.name!r} comes after a compiled variant; put compiled ones last")
         for shape in shapes:
             if args.grad_check:
                 grad = lora_gradient(model, shape, args, config, initial_lora, device)

@@ -30,10 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from longcat_trainer.denoise import SamplerSettings, initial_noise, latent_frames, sample_latents  # noqa: E402
 from longcat_trainer.metrics import RateLog  # noqa: E402
 from longcat_trainer.model.dit import LongCatVideoTransformer3DModel  # noqa: E402
 from longcat_trainer.model.tiny import TINY_DIT_CONFIG  # noqa: E402
-from longcat_trainer.sample import SamplerSettings, initial_noise, latent_frames, sample_latents  # noqa: E402
 
 REFERENCE = Path("/work/shared/reference/longcat_dit_tensors.json")
 FULL_CONFIG = {  # the released dit/config.json (also in REFERENCE when that file is present)

@@ -9,8 +9,8 @@ from pathlib import Path
 import av
 import numpy as np
 
-from longcat_operator.api import JobSpec
-from longcat_operator.preflight import PreflightResult, run_preflight
+from longcat_job.api import JobSpec
+from longcat_job.preflight import PreflightResult, run_preflight
 from tests.fixtures.s3 import S3Server, put_objects
 
 # Shallow preflight never decodes: any bytes do for a clip or an image.

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from longcat_operator.api import DEFAULT_LORA_TARGETS
-from longcat_operator.validation import InvalidJob, load_job, parse_job
+from longcat_job.api import DEFAULT_LORA_TARGETS
+from longcat_job.parse import InvalidJob, load_job, parse_job
 from tests.invalid_jobs import CASES, MINIMAL, ROOT, Case
 
 CLI = [sys.executable, "-m", "longcat_operator.cli"]
@@ -113,7 +113,7 @@ def test_validate_reports_unreadable_yaml(tmp_path: Path):
 
 
 def test_api_does_not_import_torch():
-    code = "import sys, longcat_operator.api, longcat_operator.cli; assert 'torch' not in sys.modules"
+    code = "import sys, longcat_job.api, longcat_operator.cli; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as save_safetensors
 
-from longcat_operator.storage import LocalStore
-from longcat_trainer.cache import Ref, TrainSample
+from longcat_job.storage import LocalStore
 from longcat_trainer.data.batches import BatchStream, DeviceBatches, epoch_batches
-from longcat_trainer.data.reader import shard
+from longcat_trainer.data.entries import Ref, TrainSample
+from longcat_trainer.data.shards import shard
 from longcat_trainer.data.video import Bucket
 
 

@@ -20,12 +20,11 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.fixtures.cluster import Cluster, free_port, in_ci, read_versions
+from tests.fixtures.cluster import Cluster, free_port
+from tests.fixtures.helm import CHART, RELEASE_NS, Helm
 
 ROOT = Path(__file__).resolve().parents[1]
-CHART = ROOT / "charts" / "longcat-operator"
 DASHBOARD = CHART / "dashboards" / "longcat-training.json"
-RELEASE_NS = "longcat-system"
 NON_DEFAULT = [
     "--set", "replicaCount=3", "--set", "image.tag=9.9.9",
     "--set", "trainer.image=registry.example/trainer:1", "--set", "trainer.gpuResource=amd.com/gpu",
@@ -33,44 +32,6 @@ NON_DEFAULT = [
     "--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.podMonitor.enabled=true",
     "--set", "dashboard.namespace=monitoring", "--set", "webhook.enabled=true",
 ]
-
-
-def helm_binary() -> Path:
-    cache = Path(os.environ.get("LONGCAT_CACHE", Path.home() / ".cache" / "longcat-i2v"))
-    return cache / f"helm-{read_versions()['HELM_VERSION']}" / "helm"
-
-
-class Helm:
-    def __init__(self, home: Path, kubeconfig: Path | None = None) -> None:
-        self.home = home
-        # Helm's caches and settings in a temporary home: the tests touch nothing of the user's.
-        self.env = {**os.environ, "HELM_CACHE_HOME": str(home / "cache"), "HELM_CONFIG_HOME": str(home / "config"),
-                    "HELM_DATA_HOME": str(home / "data")}
-        if kubeconfig:
-            self.env["KUBECONFIG"] = str(kubeconfig)
-
-    def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([str(helm_binary()), *args], capture_output=True, text=True, env=self.env, timeout=120)
-        if check and result.returncode != 0:
-            raise AssertionError(f"helm {' '.join(args)} failed ({result.returncode}):\n{result.stdout}{result.stderr}")
-        return result
-
-    def on(self, cluster: Cluster) -> Helm:
-        return Helm(self.home, cluster.kubeconfig)
-
-    def template(self, *args: str, namespace: str = RELEASE_NS) -> list[dict[str, Any]]:
-        rendered = self("template", "lc", str(CHART), "--namespace", namespace, *args).stdout
-        return [doc for doc in yaml.safe_load_all(rendered) if doc]
-
-
-@pytest.fixture(scope="module")
-def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
-    if not helm_binary().is_file():
-        reason = f"helm is not installed at {helm_binary()} (tests/tools/install-helm.sh)"
-        if in_ci():
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return Helm(tmp_path_factory.mktemp("helm-home"))
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -247,7 +208,8 @@ NEEDED = [
     ("get", "longcati2vjobs.longcat.video"), ("list", "longcati2vjobs.longcat.video"),
     ("watch", "longcati2vjobs.longcat.video"), ("patch", "longcati2vjobs.longcat.video"),
     ("patch", "longcati2vjobs.longcat.video", "--subresource=status"),
-    ("create", "jobs.batch"), ("get", "jobs.batch"), ("delete", "jobs.batch"), ("patch", "jobs.batch"),
+    ("create", "jobs.batch"), ("get", "jobs.batch"), ("list", "jobs.batch"), ("delete", "jobs.batch"),
+    ("patch", "jobs.batch"),
     ("create", "configmaps"), ("get", "configmaps"), ("create", "services"), ("get", "services"),
     ("get", "pods"), ("list", "pods"), ("get", "secrets"), ("create", "events"),
     ("patch", "kopfpeerings.kopf.dev"), ("watch", "kopfpeerings.kopf.dev"),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from longcat_operator.storage import LocalStore, ObjectStore, S3Store
+from longcat_job.storage import LocalStore, ObjectStore, S3Store
 from longcat_trainer import checkpoint
 
 

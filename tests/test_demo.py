@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from longcat_operator.api import DEFAULT_MODEL_SOURCE
-from longcat_operator.progress import TrainerProgress
-from longcat_operator.validation import load_job
+from longcat_job.api import DEFAULT_MODEL_SOURCE
+from longcat_job.parse import load_job
+from longcat_job.progress import TrainerProgress
 
 CLI = str(Path(sys.executable).with_name("longcat-i2v"))
 DEMO_BUDGET_S = 180  # the promise on a 2-core machine

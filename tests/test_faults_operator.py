@@ -13,11 +13,22 @@ from typing import Any
 
 import pytest
 
-from longcat_operator.manifests import LABEL_JOB
+from longcat_operator.gang import LABEL_JOB
 from tests.fixtures.cluster import Cluster
+from tests.fixtures.operator import (
+    apply_job,
+    attempt_pods,
+    credentials_and_data,
+    get_json,
+    job_status,
+    phase_is,
+    running_operator,
+    s3_job,
+    set_pod_phase,
+    wait_for,
+    write_progress,
+)
 from tests.invalid_jobs import CASES
-from tests.fixtures.operator import apply_job, attempt_pods, credentials_and_data, get_json, job_status, \
-    phase_is, running_operator, s3_job, set_pod_phase, wait_for, write_progress
 
 pytestmark = [pytest.mark.faults, pytest.mark.cluster, pytest.mark.s3]
 # Events a job may post in its whole life here (Launched, the phases, Succeeded): more means a loop.

@@ -19,18 +19,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes.client import (V1ContainerState, V1ContainerStateTerminated, V1ContainerStatus, V1ObjectMeta,
-                               V1Pod, V1PodStatus)
+from kubernetes.client import (
+    V1ContainerState,
+    V1ContainerStateTerminated,
+    V1ContainerStatus,
+    V1ObjectMeta,
+    V1Pod,
+    V1PodStatus,
+)
 
-from longcat_operator import kube, reconcile
-from longcat_operator.progress import EXIT_CONFIG_ERROR, TrainerProgress
-from longcat_operator.s3 import S3AccessError
-from longcat_operator.storage import S3Store
+from longcat_job.failures import ExitCode
+from longcat_job.progress import TrainerProgress
+from longcat_job.s3 import S3AccessError
+from longcat_job.storage import S3Store
+from longcat_operator import read
+from longcat_operator.decide import Observed, final_failure
 from longcat_trainer import checkpoint
 from longcat_trainer.data.synthetic import write_shapes_dataset
+from tests.fixtures.cluster import free_port
 from tests.fixtures.operator import wait_for
 from tests.fixtures.s3 import S3Server
-from tests.fixtures.cluster import free_port
 from tests.fixtures.training import job_document, location, with_vae_cache
 
 pytestmark = [pytest.mark.faults, pytest.mark.s3, pytest.mark.slow]
@@ -184,13 +192,13 @@ def failed_pod(name: str, exit_code: int, message: str | None, reason: str = "Er
 
 
 def test_persistent_outage_fails_naming_the_bucket_in_the_job_status(
-    trainer: Trainer, s3_server_private: S3Server, monkeypatch: pytest.MonkeyPatch
+    trainer: Trainer, s3_server_private: S3Server
 ) -> None:
     secret = s3_server_private.credentials.secret_access_key.get_secret_value()
     s3_server_private.stop()
     trainer.start()
     code = trainer.wait(GIVE_UP_TIMEOUT_S)
-    assert code not in (0, EXIT_CONFIG_ERROR)
+    assert code not in (ExitCode.OK, ExitCode.CONFIG)
     log = trainer.log()
     assert f"bucket '{trainer.bucket}'" in log and "cannot be reached" in log, log[-3000:]
     assert secret not in log
@@ -199,20 +207,19 @@ def test_persistent_outage_fails_naming_the_bucket_in_the_job_status(
     message = trainer.termination_log.read_text()
     assert f"output (spec.output): bucket '{trainer.bucket}'" in message and "cannot be reached" in message
     assert secret not in message
-    monkeypatch.setattr(kube, "pods_of", lambda namespace, selector: [failed_pod("tiny-a2-0", 1, message)])
-    assert reconcile._final_failure("ns", "tiny", 2, None, max_restarts=2) == (
+    observed = Observed(exits=read.pod_exits([failed_pod("tiny-a2-0", 1, message)]))
+    assert final_failure(2, 2, observed) == (
         "MaxRestartsExceeded", f"the gang failed 3 times (maxRestarts 2); last error: {message}")
 
 
-def test_given_up_gang_names_the_trainers_failure_else_the_pods(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kube, "pods_of", lambda namespace, selector: [
-        failed_pod("tiny-a1-0", 0, None, "Completed"), failed_pod("tiny-a1-1", 137, None, "OOMKilled")])
-    assert reconcile._final_failure("ns", "tiny", 0, None, max_restarts=1) is None  # a restart is left
-    assert reconcile._final_failure("ns", "tiny", 1, None, max_restarts=1) == (
+def test_given_up_gang_names_the_trainers_failure_else_the_pods() -> None:
+    exits = read.pod_exits([failed_pod("tiny-a1-0", 0, None, "Completed"), failed_pod("tiny-a1-1", 137, None, "OOMKilled")])
+    assert final_failure(0, 1, Observed(exits=exits)) is None  # a restart is left
+    assert final_failure(1, 1, Observed(exits=exits)) == (
         "MaxRestartsExceeded", "the gang failed 2 times (maxRestarts 1); last error: pod tiny-a1-1 exited with "
         "code 137 (OOMKilled): see its log")
     # Rank 0's own report comes first: another pod's trainer may only have seen its peer go.
     reported = TrainerProgress(phase="Failed", failure={"reason": "Error", "message": "RuntimeError: NCCL timeout"},
                                updated="2026-11-25T12:00:00Z")
-    assert reconcile._final_failure("ns", "tiny", 1, reported, max_restarts=1)[1] == (
+    assert final_failure(1, 1, Observed(exits=exits, progress=reported))[1] == (
         "the gang failed 2 times (maxRestarts 1); last error: RuntimeError: NCCL timeout")

@@ -22,14 +22,13 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY, generate_latest
 
-from longcat_operator.manifests import CONFIG_KEY
-from longcat_operator.progress import PROGRESS_KEY
-from longcat_operator.storage import S3Store
+from longcat_job.progress import PROGRESS_KEY
+from longcat_job.storage import S3Store
+from longcat_operator.gang import CONFIG_KEY
 from longcat_trainer.data.synthetic import write_shapes_dataset
-from tests.fixtures.cluster import Cluster
+from tests.fixtures.cluster import Cluster, free_port
 from tests.fixtures.faults import local_command
 from tests.fixtures.operator import attempt_pods, get_json, phase_is, s3_secret, set_pod_phase, wait_for
-from tests.fixtures.cluster import free_port
 from tests.fixtures.training import job_document, location, with_vae_cache
 
 pytestmark = [pytest.mark.faults, pytest.mark.cluster, pytest.mark.s3, pytest.mark.slow]

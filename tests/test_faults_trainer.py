@@ -23,8 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from longcat_operator.progress import TrainerProgress
-from longcat_operator.storage import LocalStore
+from longcat_job.progress import TrainerProgress
+from longcat_job.storage import LocalStore
 from longcat_trainer.data.synthetic import write_shapes_dataset
 from tests.fixtures.faults import Gang
 from tests.fixtures.operator import wait_for

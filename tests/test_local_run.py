@@ -19,9 +19,10 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from longcat_operator.local_run import EXIT_PREEMPTED, LATEST_CHECKPOINT_KEY, load_for_run
-from longcat_operator.progress import TrainerProgress
-from longcat_operator.storage import LocalStore, S3Store
+from longcat_job.failures import ExitCode
+from longcat_job.progress import TrainerProgress
+from longcat_job.storage import LocalStore, S3Store
+from longcat_trainer.commands.run import LATEST_CHECKPOINT_KEY, load_for_run
 from longcat_trainer.data.synthetic import write_shapes_dataset
 from tests.fixtures.training import job_document, location
 
@@ -143,7 +144,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tiny_checkpoint:
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
-    assert first.returncode == EXIT_PREEMPTED, stdout
+    assert first.returncode == ExitCode.PREEMPTED, stdout
     stopped = progress(out)
     # Ctrl-C came after the checkpoint of step 4: the trainer finished the next step and saved it.
     assert stopped.phase == "Preempted" and 5 <= stopped.progress.step < MAX_STEPS, stdout

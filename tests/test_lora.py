@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from longcat_operator.api import LoraSpec
+from longcat_job.api import LoraSpec
 from longcat_trainer import flow, lora
 from longcat_trainer.model.dit import LongCatVideoTransformer3DModel
 from longcat_trainer.model.tiny import TEXT_WIDTH, TINY_DIT_CONFIG

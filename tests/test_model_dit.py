@@ -12,7 +12,9 @@ from safetensors import safe_open
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from longcat_trainer.model.dit import SDPA_OPS, LongCatVideoTransformer3DModel
+from longcat_trainer.model import recompute
+from longcat_trainer.model.dit import LongCatVideoTransformer3DModel
+from longcat_trainer.model.recompute import SDPA_OPS
 from longcat_trainer.model.tiny import TINY_DIT_CONFIG
 
 REFERENCE = Path("/work/shared/reference")
@@ -107,12 +109,11 @@ class SelfAttentionCalls(TorchDispatchMode):
 def test_gradient_checkpointing_gives_the_same_gradients(attention_kept_blocks):
     inputs = tiny_inputs()
 
-    def grads(checkpointing: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], SelfAttentionCalls]:
+    def grads(checkpointed: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], SelfAttentionCalls]:
         model = tiny_model()
-        if checkpointing:
-            model.enable_gradient_checkpointing()
-            model.attention_kept_blocks = attention_kept_blocks
-        assert model.gradient_checkpointing is checkpointing
+        policies = recompute.policies(len(model.blocks), enabled=checkpointed,
+                                      attention_kept_blocks=attention_kept_blocks)
+        recompute.apply(model.blocks, policies, compile=False)
         latents = inputs["hidden_states"].clone().requires_grad_()
         with SelfAttentionCalls() as calls:
             out = model(**{**inputs, "hidden_states": latents}, num_cond_latents=1)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from longcat_job.api import S3Access
 from longcat_trainer.model.dit import LongCatVideoTransformer3DModel
 from longcat_trainer.model.encode import (
     decode_latents,
@@ -296,3 +297,15 @@ def test_s3_source_without_the_layout_names_the_missing_folders(tiny_checkpoint,
     with pytest.raises(ModelSourceError) as excinfo:
         resolve_model_source(f"s3://{s3_bucket}/partial", cache=tmp_path)
     assert f"s3://{s3_bucket}/partial/" in str(excinfo.value) and "dit/" in str(excinfo.value)
+
+
+@pytest.mark.s3
+def test_s3_source_uses_the_endpoint_of_model_storage(tiny_checkpoint, s3_server, s3_bucket, tmp_path, monkeypatch):
+    """A pod's trainer gets credentials from the environment but the endpoint only from spec.model.storage."""
+    upload_tree(s3_server.client(), s3_bucket, "models/elsewhere", tiny_checkpoint)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    for key, value in s3_server.credentials.as_env().items():
+        monkeypatch.setenv(key, value)
+    local = resolve_model_source(f"s3://{s3_bucket}/models/elsewhere", cache=tmp_path,
+                                 storage=S3Access(endpoint=s3_server.endpoint, credentials_secret="s3"))
+    assert (local / "dit" / "config.json").is_file()

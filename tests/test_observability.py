@@ -15,11 +15,21 @@ from typing import Any
 import prometheus_client
 import pytest
 
-from longcat_operator.storage import LocalStore
-from longcat_operator.validation import parse_job
+from longcat_job.parse import parse_job
+from longcat_job.storage import LocalStore
 from tests.fixtures.cluster import Cluster, free_port
-from tests.fixtures.operator import STEMS, apply_job, attempt_pods, credentials_and_data, phase_is, put_dataset, \
-    running_operator, s3_job, set_pod_phase, wait_for
+from tests.fixtures.operator import (
+    STEMS,
+    apply_job,
+    attempt_pods,
+    credentials_and_data,
+    phase_is,
+    put_dataset,
+    running_operator,
+    s3_job,
+    set_pod_phase,
+    wait_for,
+)
 from tests.fixtures.prometheus import Prometheus
 from tests.fixtures.training import job_document, location
 
@@ -42,14 +52,14 @@ def with_variables(expr: str) -> str:
 
 def run_tiny_trainer(tiny_checkpoint: Path, root: Path) -> None:
     """Two optimizer steps of the real trainer on the CPU, a checkpoint after each, and the final validation."""
-    from longcat_trainer import train, validate
+    from longcat_trainer import train, validation_videos
     from longcat_trainer.data.synthetic import write_shapes_dataset
 
     write_shapes_dataset(LocalStore(root / "shapes"), count=2, frames=9, height=64, width=112)
     document = job_document(tiny_checkpoint, location(root / "shapes" / "clips"),
                             location(root / "shapes" / "start_frames"), location(root / "out"),
                             training={"maxSteps": 2, "checkpointEvery": 1})
-    train.run(parse_job(document), train.Hooks(validate=validate.Validator()))
+    train.run(parse_job(document), train.Hooks(validate=validation_videos.Validator()))
 
 
 def drive_operator(cluster: Cluster, namespace: str, s3_server: Any, s3_bucket: str) -> None:

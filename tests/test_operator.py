@@ -15,11 +15,24 @@ from pathlib import Path
 import kopf
 import pytest
 
-from longcat_operator import reconcile
-from longcat_operator.progress import EXIT_CONFIG_ERROR, PROGRESS_KEY, TrainerProgress
+from longcat_job.failures import ExitCode
+from longcat_job.progress import PROGRESS_KEY, TrainerProgress
+from longcat_operator import apply, read, reconcile
 from tests.fixtures.cluster import Cluster
-from tests.fixtures.operator import SECRET, apply_job, attempt_pods, credentials_and_data, get_json, job_status, \
-    phase_is, running_operator, s3_job, set_pod_phase, wait_for, write_progress
+from tests.fixtures.operator import (
+    SECRET,
+    apply_job,
+    attempt_pods,
+    credentials_and_data,
+    get_json,
+    job_status,
+    phase_is,
+    running_operator,
+    s3_job,
+    set_pod_phase,
+    wait_for,
+    write_progress,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.s3]
 
@@ -99,7 +112,7 @@ def test_bad_input_exit_code_fails_without_restart(cluster, operator, namespace,
     apply_job(cluster, namespace, s3_job("badinput", s3_server, s3_bucket, nodes=1))
     wait_for("phase Launching", phase_is(cluster, namespace, "badinput", "Launching"))
     pod = wait_for("the pod", lambda: attempt_pods(cluster, namespace, "badinput", 0))[0]
-    set_pod_phase(cluster, namespace, pod["metadata"]["name"], "Failed", exit_code=EXIT_CONFIG_ERROR)
+    set_pod_phase(cluster, namespace, pod["metadata"]["name"], "Failed", exit_code=ExitCode.CONFIG)
     status = wait_for("phase Failed", phase_is(cluster, namespace, "badinput", "Failed"))
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "BadInput" and "samples unreadable" in failed["message"]
@@ -168,11 +181,14 @@ def test_a_stale_timer_body_does_not_bring_back_a_replaced_attempt(cluster, crd_
     monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
     credentials_and_data(cluster, namespace, s3_server, s3_bucket)
     apply_job(cluster, namespace, s3_job("stale", s3_server, s3_bucket, nodes=1))
-    body = kopf.Body({**get_json(cluster, "-n", namespace, "lcj", "stale"), "status": {"phase": "Running"}})
-    reconcile._ensure_gang(reconcile._job_of(body), reconcile._owner(body), 1)  # attempt 1 replaced attempt 0
+    launched = {"type": "Launched", "status": "True", "reason": "GangCreated", "message": "",
+                "lastTransitionTime": "2026-11-25T12:00:00Z"}
+    body = kopf.Body({**get_json(cluster, "-n", namespace, "lcj", "stale"),
+                      "status": {"phase": "Training", "conditions": [launched]}})
+    apply.create_attempt(read.job_of(body), apply.owner(body), 1, reconcile.SETTINGS)  # attempt 1 replaced 0
     patch = kopf.Patch()
     reconcile.observe(body=body, patch=patch)
-    assert not patch
+    assert not patch and job_status(cluster, namespace, "stale") == {}  # nothing written either
     assert [j["metadata"]["name"] for j in get_json(cluster, "-n", namespace, "jobs")["items"]] == ["stale-a1"]
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from longcat_operator.api import JobSpec
-from longcat_operator.pairing import (
+from longcat_job.api import JobSpec
+from longcat_job.pairing import (
     CLIP_EXTENSIONS,
     IMAGE_EXTENSIONS,
     Listing,
@@ -17,9 +17,9 @@ from longcat_operator.pairing import (
     pair,
     report_orphan_start_frames,
 )
-from longcat_operator.preflight import PreflightResult, read_clip_header, run_preflight
-from longcat_operator.s3 import S3Credentials
-from longcat_operator.storage import ObjectRecord, S3Store
+from longcat_job.preflight import PreflightResult, read_clip_header, run_preflight
+from longcat_job.s3 import S3Credentials
+from longcat_job.storage import ObjectRecord, S3Store
 from tests.datasets import CLIP, IMAGE, encode_clip, job, local_place, preflight, s3_place
 from tests.fixtures.cluster import free_port
 from tests.fixtures.s3 import S3Server

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 
-from longcat_operator.api import JobStatus
-from longcat_operator.progress import Failure, TrainerProgress
+from longcat_job.api import JobStatus
+from longcat_job.progress import Failure, TrainerProgress
 
 
 def test_round_trip_and_mirror_into_status() -> None:
@@ -26,5 +26,5 @@ def test_round_trip_and_mirror_into_status() -> None:
 
 
 def test_progress_model_imports_without_torch() -> None:
-    code = "import sys, longcat_operator.progress; sys.exit('torch' in sys.modules)"
+    code = "import sys, longcat_job.progress; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

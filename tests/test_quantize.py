@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from longcat_operator.api import LoraSpec
-from longcat_operator.storage import LocalStore
-from longcat_operator.validation import parse_job
+from longcat_job.api import LoraSpec
+from longcat_job.parse import parse_job
+from longcat_job.storage import LocalStore
 from longcat_trainer import lora, train
 from longcat_trainer.data.synthetic import write_shapes_dataset
 from longcat_trainer.model.dit import LongCatVideoTransformer3DModel

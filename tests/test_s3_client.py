@@ -7,17 +7,16 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
-from typing import Any
 
 import botocore.endpoint
 import pytest
 from botocore.exceptions import EndpointConnectionError
 from pydantic import SecretStr
 
-from longcat_operator import s3
-from longcat_operator.api import Location, S3Location
-from longcat_operator.s3 import OPERATOR, TRAINER, RetryBudget, S3AccessError, S3Credentials, client_config, make_client
-from longcat_operator.storage import S3Store, store_for
+from longcat_job import s3
+from longcat_job.api import Location, S3Location
+from longcat_job.s3 import OPERATOR, TRAINER, RetryBudget, S3AccessError, S3Credentials, client_config, make_client
+from longcat_job.storage import S3Store, store_for
 from tests.fixtures.cluster import free_port
 from tests.fixtures.s3 import S3Server
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from longcat_operator.s3 import S3Credentials
+from longcat_job.s3 import S3Credentials
 from tests.fixtures.s3 import S3Server
 
 pytestmark = pytest.mark.s3

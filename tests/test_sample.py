@@ -13,8 +13,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
-from longcat_operator.api import LoraSpec
-from longcat_trainer import lora, sample
+from longcat_job.api import LoraSpec
+from longcat_trainer import denoise, lora
+from longcat_trainer.commands import sample as sample_command
 from longcat_trainer.model.loading import load_dit
 
 C, T, H, W = 16, 3, 8, 14  # latents of a 9-frame 64x112 video
@@ -29,20 +30,20 @@ def dit(tiny_checkpoint: Path):
     return model
 
 
-def inputs(seed: int = 0) -> tuple[torch.Tensor, sample.TextStates, sample.TextStates, torch.Tensor]:
+def inputs(seed: int = 0) -> tuple[torch.Tensor, denoise.TextStates, denoise.TextStates, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     start = torch.randn(1, C, 1, H, W, generator=g)
     mask = torch.zeros(1, 12, dtype=torch.int64)
     mask[:, :5] = 1
     prompt = (torch.randn(1, 1, 12, 32, generator=g), mask)
     negative = (torch.zeros(1, 1, 12, 32), torch.zeros_like(mask).index_fill_(1, torch.tensor([0]), 1))
-    return start, prompt, negative, sample.initial_noise((1, C, T - 1, H, W), seed)
+    return start, prompt, negative, denoise.initial_noise((1, C, T - 1, H, W), seed)
 
 
 def test_sigmas_match_the_official_scheduler() -> None:
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=12.0)
     scheduler.set_timesteps(40, sigmas=torch.linspace(1, 0.001, 40).numpy())
-    ours = sample.sigma_schedule(40, 12.0)
+    ours = denoise.sigma_schedule(40, 12.0)
     torch.testing.assert_close(ours, scheduler.sigmas.float(), rtol=1e-6, atol=1e-6)
     assert ours[0] == 1.0 and ours[-1] == 0.0 and ours[1] > 0.99  # shift 12 spends most steps near noise
 
@@ -62,14 +63,14 @@ def test_cached_conditioning_kv_gives_the_full_forward_output(dit) -> None:
         dit(x[:, :, 1:], timestep[:, 1:], *text, num_cond_latents=1, cond_cache=cache)
 
 
-def settings(**kwargs) -> sample.SamplerSettings:
-    return sample.SamplerSettings(**{"steps": 3, "guidance": 4.0, **kwargs})
+def settings(**kwargs) -> denoise.SamplerSettings:
+    return denoise.SamplerSettings(**{"steps": 3, "guidance": 4.0, **kwargs})
 
 
 def test_start_frame_stays_bit_identical_and_later_frames_denoise(dit) -> None:
     start, prompt, negative, noise = inputs()
     before = start.clone()
-    out = sample.sample_latents(dit, start, prompt, negative, noise, settings())
+    out = denoise.sample_latents(dit, start, prompt, negative, noise, settings())
     assert out.shape == (1, C, T, H, W)
     assert torch.equal(out[:, :, :1], before) and torch.equal(start, before)
     assert not torch.allclose(out[:, :, 1:], noise, atol=1e-3)
@@ -86,7 +87,7 @@ def test_guidance_runs_one_forward_per_step_batched(dit, guidance: float, batche
     start, prompt, negative, noise = inputs()
     calls, handle = record_calls(dit)
     try:
-        sample.sample_latents(dit, start, prompt, negative, noise, settings(guidance=guidance))
+        denoise.sample_latents(dit, start, prompt, negative, noise, settings(guidance=guidance))
     finally:
         handle.remove()
     assert calls[0] == (1, 1)  # the conditioning frame alone, once
@@ -96,10 +97,10 @@ def test_guidance_runs_one_forward_per_step_batched(dit, guidance: float, batche
 def test_naive_sampler_gives_the_same_video(dit) -> None:
     """No batching and no cache: two full forwards a step; the result must not change."""
     start, prompt, negative, noise = inputs()
-    fast = sample.sample_latents(dit, start, prompt, negative, noise, settings())
+    fast = denoise.sample_latents(dit, start, prompt, negative, noise, settings())
     calls, handle = record_calls(dit)
     try:
-        naive = sample.sample_latents(dit, start, prompt, negative, noise,
+        naive = denoise.sample_latents(dit, start, prompt, negative, noise,
                                       settings(batch_guidance=False, reuse_cond_kv=False))
     finally:
         handle.remove()
@@ -110,14 +111,14 @@ def test_naive_sampler_gives_the_same_video(dit) -> None:
 def test_optimized_scale_rescales_the_unconditional_prediction() -> None:
     uncond = torch.randn(1, C, 2, H, W)
     cond = 2 * uncond  # s = <c, u> / |u|^2 = 2, so u s + g (c - u s) = c
-    torch.testing.assert_close(sample.guide(uncond, cond, 4.0, "optimized"), cond)
-    torch.testing.assert_close(sample.guide(uncond, cond, 4.0, "cfg"), 5 * uncond)
+    torch.testing.assert_close(denoise.guide(uncond, cond, 4.0, "optimized"), cond)
+    torch.testing.assert_close(denoise.guide(uncond, cond, 4.0, "cfg"), 5 * uncond)
 
 
 def test_guidance_methods_give_different_videos(dit) -> None:
     start, prompt, negative, noise = inputs()
-    cfg = sample.sample_latents(dit, start, prompt, negative, noise, settings())
-    optimized = sample.sample_latents(dit, start, prompt, negative, noise, settings(guidance_method="optimized"))
+    cfg = denoise.sample_latents(dit, start, prompt, negative, noise, settings())
+    optimized = denoise.sample_latents(dit, start, prompt, negative, noise, settings(guidance_method="optimized"))
     assert not torch.allclose(cfg, optimized, atol=1e-4)
 
 
@@ -127,16 +128,16 @@ def test_zero_lora_gives_the_same_video_as_no_lora(tiny_checkpoint: Path) -> Non
     with torch.no_grad():
         for p in base.final_layer.parameters():
             p.copy_(torch.randn_like(p) * 0.05)
-    plain = sample.sample_latents(base, start, prompt, negative, noise, settings())
+    plain = denoise.sample_latents(base, start, prompt, negative, noise, settings())
     lora.add_lora(base, LoraSpec(rank=4))  # peft: A random, B (the up weights) zero
     assert any("lora_B" in n for n, _ in base.named_parameters())
-    zero = sample.sample_latents(base, start, prompt, negative, noise, settings())
+    zero = denoise.sample_latents(base, start, prompt, negative, noise, settings())
     assert torch.equal(zero, plain)
     with torch.no_grad():
         for name, p in base.named_parameters():
             if "lora_B" in name:
                 p.fill_(0.05)
-    trained = sample.sample_latents(base, start, prompt, negative, noise, settings())
+    trained = denoise.sample_latents(base, start, prompt, negative, noise, settings())
     assert not torch.allclose(trained, plain, atol=1e-4)
 
 
@@ -159,7 +160,7 @@ def test_sample_command_writes_a_playable_mp4_with_a_lora(tiny_checkpoint: Path,
     out = tmp_path / "preview" / "out.mp4"
     argv = ["--model", str(tiny_checkpoint), "--lora", str(lora_dir), "--image", str(image), "--prompt", "a red car",
             "--out", str(out), "--frames", "9", "--resolution", "64x112", "--steps", "2", "--device", "cpu"]
-    assert sample.main(argv) == 0
+    assert sample_command.main(argv) == 0
     assert decode(out) == (9, (112, 64), Fraction(16))
     assert Image.open(out.with_suffix(".png")).width == 2 * 112
 
@@ -168,11 +169,11 @@ def test_sample_command_names_the_bad_flag(tiny_checkpoint: Path, tmp_path: Path
     argv = ["--model", str(tiny_checkpoint), "--image", str(tmp_path / "x.png"), "--prompt", "p", "--out",
             str(tmp_path / "o.mp4"), "--frames", "10", "--resolution", "64x100"]
     with pytest.raises(SystemExit) as excinfo:
-        sample.main(argv)
+        sample_command.main(argv)
     message = str(excinfo.value)
     assert "--frames" in message and "--resolution" in message
     with pytest.raises(SystemExit, match="--image"):
-        sample.main(argv[:-4] + ["--frames", "9", "--resolution", "64x112"])
+        sample_command.main(argv[:-4] + ["--frames", "9", "--resolution", "64x112"])
 
 
 def test_validation_bench_runs_tiny_on_the_cpu(capsys: pytest.CaptureFixture[str]) -> None:

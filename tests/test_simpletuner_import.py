@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from longcat_operator.simpletuner import import_simpletuner
-from longcat_operator.validation import InvalidJob, parse_job
+from longcat_job.parse import InvalidJob, parse_job
+from longcat_job.simpletuner import import_simpletuner
 from tests.invalid_jobs import ROOT
 
 SEED = ROOT / "tests" / "data" / "simpletuner"

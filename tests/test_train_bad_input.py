@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from longcat_operator.progress import EXIT_CONFIG_ERROR, TrainerProgress
-from longcat_operator.storage import LocalStore
+from longcat_job.failures import ExitCode
+from longcat_job.progress import TrainerProgress
+from longcat_job.storage import LocalStore
 from longcat_trainer import __main__ as trainer_main
 from longcat_trainer.__main__ import main
 from longcat_trainer.data.synthetic import ShapeClip, encode_mp4, render, write_shapes_dataset
@@ -70,7 +71,7 @@ def test_bad_samples_are_skipped_then_fail_the_job_above_the_fraction(
     assert (tmp_path / "out-a/lora/pytorch_lora_weights.safetensors").exists()
 
     code, failed = run_job(tmp_path, "out-b", 0.5, tmp_path / "b.json")
-    assert code == EXIT_CONFIG_ERROR
+    assert code == ExitCode.CONFIG
     assert failed.phase == "Failed" and failed.failure is not None and failed.failure.reason == "BadInput"
     assert "4 of 7 samples are unusable" in failed.failure.message
     assert "maxBadSampleFraction=0.5" in failed.failure.message
@@ -88,7 +89,7 @@ def test_invalid_job_file_exits_78(
     config = tmp_path / "job.json"
     config.write_text(json.dumps({"apiVersion": "longcat.video/v1alpha1", "kind": "LongCatI2VJob",
                                   "spec": {"datasets": [], "output": {"local": {"path": str(tmp_path)}}}}))
-    assert main(["--config", str(config)]) == EXIT_CONFIG_ERROR
+    assert main(["--config", str(config)]) == ExitCode.CONFIG
     assert "spec.datasets" in caplog.text
     assert "spec.datasets" in termination_log.read_text()
-    assert (tmp_path / "exit-code").read_text() == str(EXIT_CONFIG_ERROR)
+    assert (tmp_path / "exit-code").read_text() == str(ExitCode.CONFIG)

@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from longcat_operator.progress import TrainerProgress
-from longcat_operator.storage import S3Store
+from longcat_job.progress import TrainerProgress
+from longcat_job.storage import S3Store
 from longcat_trainer.data.synthetic import write_shapes_dataset
 from tests.fixtures.cluster import free_port
 from tests.fixtures.training import job_document, location, with_vae_cache

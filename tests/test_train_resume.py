@@ -12,9 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from longcat_operator.progress import TrainerProgress
-from longcat_operator.storage import LocalStore
-from longcat_operator.validation import parse_job
+from longcat_job.failures import Preempted
+from longcat_job.parse import parse_job
+from longcat_job.progress import TrainerProgress
+from longcat_job.storage import LocalStore
 from longcat_trainer import train
 from longcat_trainer.data.synthetic import write_shapes_dataset
 from tests.fixtures.cluster import free_port
@@ -71,7 +72,7 @@ def test_resume_after_sigterm_equals_a_straight_run(
         if info.step == 3:
             os.kill(os.getpid(), signal.SIGTERM)  # what Kubernetes sends on pre-emption
 
-    with pytest.raises(train.Preempted, match="stopped at step 3"):
+    with pytest.raises(Preempted, match="stopped at step 3"):
         train.run(job(tiny_checkpoint, shapes, resumed, tmp_path / "cache"), train.Hooks(after_step=stop_at_3))
     stopped = progress(resumed)
     assert stopped.phase == "Preempted" and stopped.progress.step == 3 and stopped.cache.hits == 10

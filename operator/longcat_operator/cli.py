@@ -18,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from .simpletuner import import_simpletuner
-from .validation import FieldError, InvalidJob, load_documents, parse_job
+from longcat_job.parse import FieldError, InvalidJob, load_documents, parse_job
+from longcat_job.simpletuner import import_simpletuner
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -81,21 +81,34 @@ def _import_simpletuner(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
-    from .local_run import run_job  # noqa: PLC0415 - keeps validate free of boto3 for API-only installs
+def _trainer_missing(exc: ModuleNotFoundError, command: str) -> SystemExit:
+    return SystemExit(f"longcat-i2v {command}: needs the trainer's packages ({exc.name} is not installed): "
+                      "pip install 'longcat-i2v[trainer]' (or scripts/setup-venv operator,trainer)")
 
+
+# The commands that train or sample live in the trainer package and import it only when they run, so that
+# `validate` and `import-simpletuner` work with the job contract alone.
+def _run(args: argparse.Namespace) -> int:
+    try:
+        from longcat_trainer.commands.run import run_job  # noqa: PLC0415
+    except ModuleNotFoundError as exc:
+        raise _trainer_missing(exc, "run") from None
     return run_job(args.job, processes=args.gpus, cpu=args.cpu)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo  # noqa: PLC0415
-
+    try:
+        from longcat_trainer.commands.demo import run_demo  # noqa: PLC0415
+    except ModuleNotFoundError as exc:
+        raise _trainer_missing(exc, "demo") from None
     return run_demo(args.dir)
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from longcat_trainer.sample import main as sample_main  # noqa: PLC0415 - torch
-
+    try:
+        from longcat_trainer.commands.sample import main as sample_main  # noqa: PLC0415
+    except ModuleNotFoundError as exc:
+        raise _trainer_missing(exc, "sample") from None
     return sample_main(args.rest)
 
 
@@ -129,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="folder for the dataset, model, job file and output (default: ./longcat-demo)")
     demo.set_defaults(handler=_demo)
 
-    # Its own parser (longcat_trainer.sample) reads the arguments: `longcat-i2v sample --help` lists them.
+    # Its own parser (longcat_trainer.denoise) reads the arguments: `longcat-i2v sample --help` lists them.
     sample = commands.add_parser("sample", help="preview a LoRA: one MP4 from a start frame and a prompt",
                                  add_help=False)
     sample.set_defaults(handler=_sample)

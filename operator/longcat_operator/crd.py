@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from . import api
-from .rules import CEL_KEY
+from longcat_job import api
+from longcat_job.rules import CEL_KEY
 
 CRD_FILE_NAME = f"{api.GROUP}_{api.PLURAL}.yaml"
 

@@ -13,11 +13,16 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from .api import GROUP, PLURAL, SECRET_ACCESS_KEY_ID, VERSION
-from .s3 import S3Credentials
+from longcat_job.api import GROUP, PLURAL, SECRET_ACCESS_KEY_ID, VERSION
+from longcat_job.s3 import S3Credentials
+
 
 class OwnershipError(RuntimeError):
     """An object with the name we need exists and belongs to something else."""
+
+
+class Conflict(Exception):
+    """A write made on the condition that the object is still at a resourceVersion found it changed."""
 
 
 @functools.cache
@@ -108,6 +113,10 @@ def pods_of(namespace: str, selector: str) -> list[Any]:
     return core().list_namespaced_pod(namespace, label_selector=selector).items
 
 
+def jobs_of(namespace: str, selector: str) -> list[Any]:
+    return batch().list_namespaced_job(namespace, label_selector=selector).items
+
+
 def read_credentials(namespace: str, secret_name: str) -> S3Credentials:
     """The S3 credentials of a Secret; a missing Secret or key raises with a message that names them."""
     try:
@@ -122,8 +131,17 @@ def read_credentials(namespace: str, secret_name: str) -> S3Credentials:
     return S3Credentials.from_secret_data(secret.data, secret_name)
 
 
-def patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
-    """Writes status now, for phases a user should see while a long handler still runs (e.g. preflight)."""
-    client.CustomObjectsApi(api_client()).patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, PLURAL, name, {"status": status}
-    )
+def patch_status(namespace: str, name: str, status: dict[str, Any], *, resource_version: str | None = None) -> None:
+    """Merges `status` into the job's status. With `resource_version`, only if the job is still at that version
+    (the API server checks it as for an update): otherwise raises Conflict and writes nothing."""
+    body: dict[str, Any] = {"status": status}
+    if resource_version is not None:
+        body["metadata"] = {"resourceVersion": resource_version}
+    try:
+        client.CustomObjectsApi(api_client()).patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, body
+        )
+    except ApiException as exc:
+        if exc.status == 409:
+            raise Conflict(f"{namespace}/{name} changed since resourceVersion {resource_version}") from None
+        raise

@@ -10,7 +10,7 @@ from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .api import Phase
+from longcat_job.api import Phase
 
 RECONCILE_SECONDS = Histogram(
     "longcat_operator_reconcile_seconds", "Time spent in one handler run.", ["handler"],

@@ -1,10 +1,9 @@
 """`python -m longcat_trainer --config job.json`: one trainer process (torchrun starts one per GPU).
 
 job.json is the LongCatI2VJob document (the operator's ConfigMap, or the file `longcat-i2v run` writes).
-Exit codes: 0 done; 78 (EXIT_CONFIG_ERROR) the job file, model or data is wrong and a restart cannot help;
-143 (EXIT_PREEMPTED) stopped by SIGTERM or Ctrl-C after saving a checkpoint; anything else: an error worth a restart.
-The reason is also in progress.json and, in a pod, in the container's termination message. torchrun
-itself exits 1 when a worker fails, so the code is also written to $LONGCAT_EXIT_CODE_FILE when set.
+Exit codes are those of `longcat_job.failures` (0 done, 1 an error worth a restart, 78 bad input or configuration,
+143 stopped with a checkpoint). The reason is also in progress.json and, in a pod, in the container's termination
+message. torchrun itself exits 1 when a worker fails, so the code is also written to $LONGCAT_EXIT_CODE_FILE.
 """
 
 from __future__ import annotations
@@ -16,25 +15,22 @@ import os
 import sys
 from pathlib import Path
 
-from longcat_operator import s3
-from longcat_operator.progress import EXIT_CONFIG_ERROR, EXIT_PREEMPTED
-from longcat_operator.validation import InvalidJob, parse_job
+from longcat_job import s3
+from longcat_job.failures import EXIT_CODE_FILE_ENV, ExitCode, FailureReason, Outcome, classify
+from longcat_job.parse import InvalidJob, parse_job
 
 # Kubernetes mounts this file and shows its text as the container's termination message.
 TERMINATION_LOG = Path(os.environ.get("LONGCAT_TERMINATION_LOG", "/dev/termination-log"))
-# torchrun exits 1 whatever its workers' codes: a launcher that needs ours reads it from this file.
-EXIT_CODE_FILE_ENV = "LONGCAT_EXIT_CODE_FILE"
-# Any other failure: the code of an uncaught exception, which the operator answers with a gang restart.
-EXIT_ERROR = 1
 
 
-def _terminate(code: int, message: str, *, exc_info: bool = False) -> int:
-    logging.getLogger("longcat_trainer").error("%s", message, exc_info=exc_info)
+def _terminate(outcome: Outcome) -> int:
+    # An error worth a restart gets its traceback in the log; bad input and configuration only their message.
+    logging.getLogger("longcat_trainer").error("%s", outcome.message, exc_info=outcome.reason is FailureReason.ERROR)
     if TERMINATION_LOG.is_file():  # only in a pod: never create files under /dev elsewhere
-        TERMINATION_LOG.write_text(message[:4000])  # Kubernetes keeps at most 4 KiB
+        TERMINATION_LOG.write_text(outcome.message[:4000])  # Kubernetes keeps at most 4 KiB
     if exit_file := os.environ.get(EXIT_CODE_FILE_ENV):
-        Path(exit_file).write_text(str(code))
-    return code
+        Path(exit_file).write_text(str(int(outcome.exit_code)))
+    return outcome.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,24 +43,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         job = parse_job(json.loads(args.config.read_text(encoding="utf-8")))
     except (OSError, json.JSONDecodeError) as exc:
-        return _terminate(EXIT_CONFIG_ERROR, f"--config {args.config}: cannot read the job ({exc})")
+        return _terminate(Outcome(ExitCode.CONFIG, FailureReason.INVALID_CONFIG,
+                                  f"--config {args.config}: cannot read the job ({exc})"))
     except InvalidJob as exc:
-        return _terminate(EXIT_CONFIG_ERROR, f"--config {args.config}: invalid job:\n{exc}")
+        return _terminate(Outcome(ExitCode.CONFIG, FailureReason.INVALID_CONFIG,
+                                  f"--config {args.config}: invalid job:\n{exc}"))
 
-    from . import train, validate  # torch is imported only once the job file is known to be good
+    from . import (  # torch is imported only once the job file is known to be good
+        train,
+        validation_videos,
+    )
 
     try:
         # One Validator for the whole run: it keeps the encoded start frames and captions between steps.
-        train.run(job, train.Hooks(validate=validate.Validator()))
-    except train.Preempted as exc:
-        return _terminate(EXIT_PREEMPTED, str(exc))
-    except train.CONFIG_ERRORS as exc:
-        return _terminate(EXIT_CONFIG_ERROR, f"{type(exc).__name__}: {exc}")
+        train.run(job, train.Hooks(validate=validation_videos.Validator()))
     except Exception as exc:
-        # Worth a restart; the operator shows this message when it gives up on the gang (S3 being down
-        # included, when progress.json cannot say it).
-        return _terminate(EXIT_ERROR, f"{type(exc).__name__}: {exc}", exc_info=True)
-    return 0
+        # The operator shows the message when it gives up on the gang (S3 being down included, when
+        # progress.json cannot say it).
+        return _terminate(classify(exc))
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from botocore.exceptions import BotoCoreError, ClientError
 
-from longcat_operator.storage import LocalStore, ObjectStore, S3Store
+from longcat_job.storage import LocalStore, ObjectStore, S3Store
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,18 @@ from __future__ import annotations
 import json
 
 import torch
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_peft_model_state_dict,
+)
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from longcat_operator.api import LoraSpec
+from longcat_job.api import LoraSpec
+from longcat_job.failures import InvalidConfigError
 
 from .distributed import full_tensor
 
@@ -53,7 +59,7 @@ def add_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     unknown = sorted(set(spec.targets) - names)
     if unknown:
-        raise ValueError(
+        raise InvalidConfigError(
             f"spec.lora.targets: {unknown} match no Linear of the DiT; use some of {sorted(names)} "
             "(default qkv, proj, q_linear, kv_linear)"
         )
@@ -79,7 +85,7 @@ def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     result = set_peft_model_state_dict(model, state)
     if result.unexpected_keys:
-        raise ValueError(f"LoRA weights do not fit this DiT: unexpected {result.unexpected_keys[:5]}")
+        raise InvalidConfigError(f"LoRA weights do not fit this DiT: unexpected {result.unexpected_keys[:5]}")
 
 
 def peft_files(state: dict[str, torch.Tensor], spec: LoraSpec) -> dict[str, bytes]:

@@ -10,9 +10,15 @@ from datetime import UTC, datetime
 
 from PIL import Image, ImageDraw
 
-from longcat_operator.progress import PROGRESS_KEY, Failure, FailureReason, Phase, TrainerProgress
-from longcat_operator.s3 import S3AccessError
-from longcat_operator.storage import ObjectStore
+from longcat_job.progress import (
+    PROGRESS_KEY,
+    Failure,
+    FailureReason,
+    Phase,
+    TrainerProgress,
+)
+from longcat_job.s3 import S3AccessError
+from longcat_job.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 

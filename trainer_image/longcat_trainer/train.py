@@ -7,7 +7,7 @@ Every rank runs this; rank 0 alone writes the output (the caches are written by 
     <output>/checkpoints/        see checkpoint.py
     <output>/lora/               the final LoRA in both formats (see lora.py)
     <output>/loss.png            the loss curve
-    <output>/cache/<dataset>/    latents and text embeddings, unless the dataset names a vaeCache (see cache.py)
+    <output>/cache/<dataset>/    latents and text embeddings, unless the dataset names a vaeCache (see cache/)
 
 Validation (`Hooks.validate`) runs every `validation.everySteps` steps and at the end.
 """
@@ -27,42 +27,35 @@ from typing import Any
 import torch
 from diffusers.optimization import get_scheduler
 
-from longcat_operator.api import LongCatI2VJob
-from longcat_operator.manifest import (
+from longcat_job.api import LongCatI2VJob
+from longcat_job.failures import BadInputError, Preempted, classify
+from longcat_job.preflight import run_preflight
+from longcat_job.progress import BadSamples, CacheCounts
+from longcat_job.sample_manifest import (
     MANIFEST_KEY,
     Manifest,
-    ManifestError,
     build_manifest,
     read_manifest,
     write_manifest,
 )
-from longcat_operator.preflight import run_preflight
-from longcat_operator.progress import BadSamples, CacheCounts
-from longcat_operator.storage import ObjectStore, store_for
+from longcat_job.storage import ObjectStore, store_for
 
 from . import checkpoint, distributed, flow, lora
-from .cache import CacheResult, build_caches, cache_location
+from .cache.build import CacheResult, build_caches
+from .cache.plan import cache_location
 from .data.batches import BatchStream, DeviceBatches, to_device
-from .data.reader import DiskCache, ShardReader
+from .data.shards import DiskCache, ShardReader
 from .distributed import World
 from .metrics import DEFAULT_METRICS_PORT, METRICS_PORT_ENV, RateLog, TrainerMetrics
-from .model import quantize
-from .model.loading import CheckpointError, load_dit
-from .model.sources import ModelSourceError, resolve_model_source
+from .model.loading import load_dit
+from .model.prepare import prepare_for_training
+from .model.sources import resolve_model_source
 from .report import INDEX_HTML, LOSS_CURVE, Reporter, loss_curve_png, uri
 
 log = logging.getLogger(__name__)
 
 DATA_CACHE_ENV = "LONGCAT_DATA_CACHE"
 DATA_CACHE_BYTES = 20 << 30
-
-
-class BadInputError(Exception):
-    """The job's configuration or data cannot be trained on; restarting will not help (exit code 78)."""
-
-
-class Preempted(Exception):
-    """SIGTERM (or Ctrl-C) arrived; a checkpoint was saved (exit code 143)."""
 
 
 @dataclass
@@ -105,10 +98,6 @@ def _list_or_empty(store: ObjectStore) -> list:
         return []
 
 
-# Errors that mean the job file, the model or the data is wrong: no restart can fix them.
-CONFIG_ERRORS = (BadInputError, CheckpointError, ModelSourceError, ManifestError, ValueError)
-
-
 def run(job: LongCatI2VJob, hooks: Hooks | None = None) -> None:
     """Train the job; records a failure in progress.json before re-raising it."""
     world = distributed.init_world()
@@ -118,11 +107,9 @@ def run(job: LongCatI2VJob, hooks: Hooks | None = None) -> None:
         _train(job, hooks or Hooks(), world, output, reporter)
     except Preempted:
         raise
-    except CONFIG_ERRORS as exc:
-        reporter.fail("BadInput" if isinstance(exc, BadInputError) else "InvalidConfig", str(exc))
-        raise
     except Exception as exc:
-        reporter.fail("Error", f"{type(exc).__name__}: {exc}")
+        outcome = classify(exc)
+        reporter.fail(outcome.reason, outcome.message)
         raise
     finally:
         distributed.shutdown()
@@ -135,7 +122,7 @@ def _train(job: LongCatI2VJob, hooks: Hooks, world: World, output: ObjectStore, 
         metrics.serve(int(os.environ.get(METRICS_PORT_ENV, DEFAULT_METRICS_PORT)))
     metrics.max_steps.set(train_spec.max_steps)
     manifest = frozen_manifest(job, output, world)
-    model_root = resolve_model_source(spec.model.source)
+    model_root = resolve_model_source(spec.model.source, storage=spec.model.storage)
     dtype = torch.bfloat16 if world.device.type == "cuda" and train_spec.precision == "bf16" else torch.float32
 
     reporter.phase("Caching")
@@ -145,23 +132,10 @@ def _train(job: LongCatI2VJob, hooks: Hooks, world: World, output: ObjectStore, 
         reporter.doc.artifacts.report = uri(output, INDEX_HTML)
 
     dit = load_dit(model_root, dtype=dtype, device=world.device)
-    torch.manual_seed(train_spec.seed)  # the same LoRA initialisation on every rank (FSDP keeps each rank's shard)
-    lora.add_lora(dit, spec.lora)
-    torch.manual_seed(train_spec.seed + world.rank)  # dropout differs between ranks
-    if train_spec.base_quantization is not None:
-        quantize.quantize_base(dit, train_spec.base_quantization)
-    if train_spec.gradient_checkpointing:
-        dit.enable_gradient_checkpointing()
-    if world.device.type == "cuda":
-        # Regional compile: one compiled graph serves all 48 blocks and fuses the float32 norms, modulation
-        # and RoPE around the matmuls (bench/README.md: a 480x832x93 step from 18.6 s to 14.1 s on an H100).
-        for block in dit.blocks:
-            block.compile()
     state = checkpoint.load_latest(output)
-    if state is not None:
-        lora.load_lora_state(dit, state["lora"])  # before sharding: the saved weights are whole tensors
-    run = TrainingRun(job, world, dit, distributed.wrap(dit, world, train_spec.parallelism), dtype, output,
-                      reporter, metrics, cache, cache_stores, hooks, model_root)
+    model = prepare_for_training(dit, spec, world, lora_state=state["lora"] if state is not None else None)
+    run = TrainingRun(job, world, dit, model, dtype, output, reporter, metrics, cache, cache_stores, hooks,
+                      model_root)
     if state is not None:
         run.restore(state)
     run.loop()

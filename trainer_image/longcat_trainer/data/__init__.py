@@ -1,1 +1,1 @@
-"""Training data: the manifest reader (`reader.py`) and, downstream of it, decoding and buckets."""
+"""Training data: the manifest reader (`shards.py`) and, downstream of it, decoding and buckets."""

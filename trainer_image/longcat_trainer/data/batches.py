@@ -14,11 +14,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from longcat_operator.storage import ObjectStore
+from longcat_job.failures import InvalidConfigError
+from longcat_job.storage import ObjectStore
 
-from ..cache import TrainSample, read_entry, text_batch
-from ..data.reader import shard
-from ..data.video import Bucket
+from .entries import TrainSample, read_entry, text_batch
+from .shards import shard
+from .video import Bucket
 
 
 def epoch_batches(samples: list[TrainSample], batch_size: int, seed: int, epoch: int) -> list[list[TrainSample]]:
@@ -64,7 +65,7 @@ class BatchStream:
         self.epoch, self.index = epoch, index  # position of the next batch handed out
         self.wait_seconds = 0.0
         if not epoch_batches(samples, batch_size, seed, 0):
-            raise ValueError(
+            raise InvalidConfigError(
                 f"no bucket holds {batch_size} samples: lower spec.training.batchSize or add clips of the same shape"
             )
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="batches")

@@ -21,7 +21,7 @@ import av
 import numpy as np
 from PIL import Image
 
-from longcat_operator.storage import ObjectStore
+from longcat_job.storage import ObjectStore
 
 CLIPS_PREFIX = "clips/"
 START_FRAMES_PREFIX = "start_frames/"

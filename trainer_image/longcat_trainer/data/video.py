@@ -34,12 +34,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from longcat_job.failures import BadInputError, InvalidConfigError
+
 NATIVE_ASPECT = 832 / 480
 AREA_TOLERANCE = 0.10
 MAX_ASPECT = 4.0
 
 
-class BadSampleError(ValueError):
+class BadSampleError(BadInputError):
     """One sample cannot be used; the message names the file and what to do. The sample is skipped."""
 
 
@@ -79,7 +81,7 @@ def buckets(resolution: int, alignment: int) -> tuple[Bucket, ...]:
             if close and 1 / MAX_ASPECT <= aspect <= MAX_ASPECT:
                 found.add(Bucket(height, width))
     if not found:
-        raise ValueError(f"no bucket near {resolution}p on a {alignment}-pixel grid: lower aspectBucketAlignment")
+        raise InvalidConfigError(f"no bucket near {resolution}p on a {alignment}-pixel grid: lower aspectBucketAlignment")
     return tuple(sorted(found))
 
 

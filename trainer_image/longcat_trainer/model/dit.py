@@ -11,7 +11,6 @@ N = T * (H/2) * (W/2) and one latent frame is S = N / T consecutive tokens.
 
 from __future__ import annotations
 
-import enum
 import functools
 import math
 from dataclasses import dataclass
@@ -19,11 +18,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.embeddings import apply_rotary_emb, get_1d_rotary_pos_embed, get_timestep_embedding
+from diffusers.models.embeddings import (
+    apply_rotary_emb,
+    get_1d_rotary_pos_embed,
+    get_timestep_embedding,
+)
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import FP32LayerNorm, RMSNorm
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from longcat_job.failures import InvalidConfigError
 
 NORM_EPS = 1e-6
 ROPE_THETA = 10000.0
@@ -64,50 +68,6 @@ def rope_3d(grid: tuple[int, int, int], head_dim: int, device: torch.device) -> 
     cos = torch.cat([broadcast(i, part[0]) for i, part in enumerate(parts)], dim=-1).reshape(-1, head_dim)
     sin = torch.cat([broadcast(i, part[1]) for i, part in enumerate(parts)], dim=-1).reshape(-1, head_dim)
     return cos.to(device), sin.to(device)
-
-
-class Recompute(enum.Enum):
-    """What a block recomputes in backward instead of keeping from its forward.
-
-    ALL_BUT_ATTENTION is exact in eager mode (tests/test_model_dit.py; on an H100 its LoRA gradient is 2.1e-4
-    from the baseline's, as with the same kernel without it), but compiled on an H100 the gap is 5.8e-2
-    (bench/README.md), so the trainer, which compiles the blocks on CUDA, does not use it:
-    `attention_kept_blocks` stays 0 until that is understood.
-    """
-
-    NOTHING = "nothing"  # keeps every activation (no checkpointing)
-    ALL = "all"  # keeps only its input and recomputes its whole forward
-    ALL_BUT_ATTENTION = "all-but-attention"  # also keeps its self-attention output
-
-
-# The attention ops that F.scaled_dot_product_attention dispatches to, one per kernel.
-SDPA_OPS = frozenset(
-    getattr(torch.ops.aten, name).default
-    for name in ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
-                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")
-    if hasattr(torch.ops.aten, name)
-)
-
-
-def _keep_self_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Save the outputs (and softmax statistics) of self-attention, recompute everything else.
-
-    At 37k tokens self-attention is over half of the block's FLOPs but its output is one [N, C] tensor, so
-    keeping it removes most of the recomputation for ~1/16 of the block's activation memory. Self-attention is
-    told apart from cross-attention by its keys: at least as many as its queries (text has at most 512).
-    """
-    if op in SDPA_OPS and args[1].shape[-2] >= args[0].shape[-2]:
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _run_block(block: nn.Module, recompute: Recompute, *args) -> torch.Tensor:
-    """Selective checkpointing lives inside the block's forward so that a compiled block compiles it too
-    (the partitioner then follows the policy). Recompute.ALL is applied around the block by the model."""
-    if recompute is Recompute.ALL_BUT_ATTENTION:
-        context_fn = functools.partial(create_selective_checkpoint_contexts, _keep_self_attention)
-        return checkpoint(block.body, *args, use_reentrant=False, context_fn=context_fn)
-    return block.body(*args)
 
 
 class PatchEmbed3D(nn.Module):
@@ -249,11 +209,7 @@ class LongCatSingleStreamBlock(nn.Module):
         self.cross_attn = MultiHeadCrossAttention(hidden_size, num_heads)
         self.ffn = FeedForwardSwiGLU(hidden_size, mlp_ratio)
 
-    def forward(self, *args, recompute: Recompute = Recompute.NOTHING) -> torch.Tensor:
-        """`body(*args)`, with `recompute`'s checkpointing when it is Recompute.ALL_BUT_ATTENTION."""
-        return _run_block(self, recompute, *args)
-
-    def body(
+    def forward(
         self,
         x: torch.Tensor,
         y: torch.Tensor,
@@ -303,7 +259,8 @@ class FinalLayer(nn.Module):
 class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin):
     """LongCat-Video DiT. `forward` maps noisy latents to the flow-matching velocity prediction (float32)."""
 
-    _supports_gradient_checkpointing = True
+    # Activation checkpointing is applied per block from outside (model/recompute.py), not by diffusers.
+    _supports_gradient_checkpointing = False
     _no_split_modules = ["LongCatSingleStreamBlock"]
 
     @register_to_config
@@ -331,21 +288,17 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin):
     ) -> None:
         super().__init__()
         if enable_bsa:
-            raise ValueError("enable_bsa: block-sparse attention is not implemented here; set it to false in config.json")
+            raise InvalidConfigError("enable_bsa: block-sparse attention is not implemented here; set it to false in config.json")
         if cp_split_hw is not None and math.prod(cp_split_hw) != 1:
-            raise ValueError(f"cp_split_hw={cp_split_hw}: context parallelism is not implemented here; use [1, 1]")
+            raise InvalidConfigError(f"cp_split_hw={cp_split_hw}: context parallelism is not implemented here; use [1, 1]")
         if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+            raise InvalidConfigError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
         if tuple(patch_size)[0] != 1:
-            raise ValueError(f"patch_size {patch_size}: the temporal patch must be 1, as in the released model")
+            raise InvalidConfigError(f"patch_size {patch_size}: the temporal patch must be 1, as in the released model")
         self.patch_size = tuple(patch_size)
         self.out_channels = out_channels
         self.head_dim = hidden_size // num_heads
         self.text_tokens_zero_pad = text_tokens_zero_pad
-        self.gradient_checkpointing = False
-        # With checkpointing on, the first `attention_kept_blocks` blocks keep their self-attention output
-        # (Recompute.ALL_BUT_ATTENTION) and the others recompute everything.
-        self.attention_kept_blocks = 0
 
         self.x_embedder = PatchEmbed3D(self.patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(adaln_tembed_dim, frequency_embedding_size)
@@ -422,21 +375,11 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin):
         num_cond_tokens = num_cond_latents * tokens_per_frame
         caches = cond_cache if cond_cache is not None else [None] * len(self.blocks)
 
-        for index, (block, cond_kv) in enumerate(zip(self.blocks, caches, strict=True)):
-            recompute = self.recompute(index)
-            if recompute is Recompute.ALL:
-                # Around the (compiled) block: it runs whole again in backward, as measured in bench/README.md.
-                x = self._gradient_checkpointing_func(block, x, y, y_mask, t_emb, rope, num_cond_tokens, cond_kv)
-            else:
-                x = block(x, y, y_mask, t_emb, rope, num_cond_tokens, cond_kv, recompute=recompute)
+        for block, cond_kv in zip(self.blocks, caches, strict=True):
+            x = block(x, y, y_mask, t_emb, rope, num_cond_tokens, cond_kv)
 
         x = self.final_layer(x, t_emb)
         return self.unpatchify(x, grid)
-
-    def recompute(self, index: int) -> Recompute:
-        if not (torch.is_grad_enabled() and self.gradient_checkpointing):
-            return Recompute.NOTHING
-        return Recompute.ALL_BUT_ATTENTION if index < self.attention_kept_blocks else Recompute.ALL
 
     @torch.no_grad()
     def conditioning_cache(self, cond_latents: torch.Tensor) -> list[CondKV]:

@@ -23,7 +23,14 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
 from safetensors import safe_open
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
+from transformers import (
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    UMT5Config,
+    UMT5EncoderModel,
+)
+
+from longcat_job.failures import InvalidConfigError
 
 from .dit import LongCatVideoTransformer3DModel
 from .sources import SUBFOLDERS
@@ -33,7 +40,7 @@ log = logging.getLogger(__name__)
 INDEX_SUFFIX = ".safetensors.index.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InvalidConfigError):
     """A checkpoint folder that cannot be loaded; the message names the folder and what to fix."""
 
 

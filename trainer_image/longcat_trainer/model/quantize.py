@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from longcat_job.failures import InvalidConfigError
+
 FORMATS = {"fp8-torchao": torch.float8_e4m3fn, "int8-quanto": torch.int8}
 QUANTIZED_LINEARS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj",
                      "ffn.w1", "ffn.w2", "ffn.w3")
@@ -100,7 +102,7 @@ def quantize_base(model: nn.Module, fmt: str) -> int:
     One layer at a time, so the peak is the bf16 model plus one layer.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"spec.training.baseQuantization: {fmt!r} is not one of {sorted(FORMATS)}")
+        raise InvalidConfigError(f"spec.training.baseQuantization: {fmt!r} is not one of {sorted(FORMATS)}")
     dtype = FORMATS[fmt]
     count = 0
     for name, module in list(model.named_modules()):

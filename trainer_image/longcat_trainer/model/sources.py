@@ -26,8 +26,10 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from longcat_operator.s3 import make_client
-from longcat_operator.storage import ObjectRecord, ObjectStore, S3Store
+
+from longcat_job.api import Location, S3Access, S3Location
+from longcat_job.failures import InvalidConfigError
+from longcat_job.storage import ObjectRecord, ObjectStore, store_for
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ CACHE_MANIFEST = ".longcat-source.json"
 PROGRESS_EVERY_S = 10.0
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(InvalidConfigError):
     """A model source that cannot be resolved; the message names the source and what to fix."""
 
 
@@ -179,16 +181,20 @@ def fetch_store(store: ObjectStore, cache: Path) -> Path:
     return target
 
 
-def s3_store(bucket: str, prefix: str) -> ObjectStore:
-    """The store of an s3:// source, through the project's one S3 client configuration (AWS_* environment)."""
-    return S3Store(make_client(), bucket, prefix, what=f"model source s3://{bucket}/{prefix}")
+def s3_store(bucket: str, prefix: str, storage: S3Access | None = None) -> ObjectStore:
+    """The store of an s3:// source at the endpoint of `storage` (spec.model.storage; else AWS_ENDPOINT_URL or
+    AWS), with the credentials of the environment (in a pod, the Secret that storage names)."""
+    access = storage.model_dump() if storage is not None else {}
+    location = Location(s3=S3Location(bucket=bucket, prefix=prefix, **access))
+    return store_for(location, what=f"model source s3://{bucket}/{prefix} (spec.model.source)")
 
 
-def resolve_model_source(source: str, *, cache: Path | None = None) -> Path:
-    """Local directory holding the checkpoint named by `source` (see the module docstring)."""
+def resolve_model_source(source: str, *, storage: S3Access | None = None, cache: Path | None = None) -> Path:
+    """Local directory holding the checkpoint named by `source` (see the module docstring); `storage` says
+    where an s3:// source's endpoint is."""
     parsed = ModelSource.parse(source)
     if parsed.kind == "local":
         return resolve_local(parsed.location)
     if parsed.kind == "hf":
         return fetch_hf(parsed.location, parsed.revision, cache_dir=cache)
-    return fetch_store(s3_store(parsed.location, parsed.prefix), cache or cache_root())
+    return fetch_store(s3_store(parsed.location, parsed.prefix, storage), cache or cache_root())

@@ -8,8 +8,8 @@ messages that name what was being read (a dataset, the output) and the bucket, a
 from __future__ import annotations
 
 import base64
-import functools
 import binascii
+import functools
 import os
 import threading
 from collections.abc import Mapping

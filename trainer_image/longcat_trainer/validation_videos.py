@@ -31,16 +31,24 @@ from typing import TYPE_CHECKING
 import av
 import torch
 
-from longcat_operator.api import JobSpec
-from longcat_operator.manifest import Manifest, ManifestSample, read_manifest
-from longcat_operator.s3 import S3AccessError
-from longcat_operator.storage import ObjectStore, store_for
+from longcat_job.api import JobSpec
+from longcat_job.s3 import S3AccessError
+from longcat_job.sample_manifest import Manifest, ManifestSample, read_manifest
+from longcat_job.storage import ObjectStore, store_for
 
 from . import distributed, media
+from .denoise import (
+    DEFAULT_FPS,
+    SamplerSettings,
+    TextStates,
+    initial_noise,
+    latent_frames,
+    load_start_frame,
+    sample_latents,
+    to_uint8_frames,
+)
 from .model import encode, loading
 from .report import INDEX_HTML, LOSS_CURVE, uri
-from .sample import DEFAULT_FPS, SamplerSettings, TextStates, initial_noise, latent_frames, load_start_frame
-from .sample import sample_latents, to_uint8_frames
 
 if TYPE_CHECKING:
     from .train import StepInfo

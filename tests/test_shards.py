@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from longcat_operator.api import JobSpec
-from longcat_operator.manifest import Manifest, build_manifest
-from longcat_operator.storage import LocalStore, ObjectStore
-from longcat_trainer.data.reader import DiskCache, ReadError, ShardReader, shard
+from longcat_job.api import JobSpec
+from longcat_job.sample_manifest import Manifest, build_manifest
+from longcat_job.storage import LocalStore, ObjectStore
+from longcat_trainer.data.shards import DiskCache, ReadError, ShardReader, shard
 from tests.datasets import IMAGE, job, local_place, preflight, s3_place
 from tests.fixtures.s3 import S3Server
 

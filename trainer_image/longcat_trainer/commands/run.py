@@ -28,21 +28,21 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from .api import Location, LongCatI2VJob
-from .manifest import MANIFEST_KEY, build_manifest, write_manifest
-from .preflight import run_preflight
-from .progress import EXIT_PREEMPTED, PROGRESS_KEY, TrainerProgress
-from .progress_view import ProgressView, local_path, print_summary
-from .s3 import S3AccessError
-from .storage import ObjectStore, store_for
-from .validation import InvalidJob, load_job
+from longcat_job.api import Location, LongCatI2VJob
+from longcat_job.failures import EXIT_CODE_FILE_ENV, ExitCode
+from longcat_job.parse import InvalidJob, load_job
+from longcat_job.preflight import run_preflight
+from longcat_job.progress import PROGRESS_KEY, TrainerProgress
+from longcat_job.s3 import S3AccessError
+from longcat_job.sample_manifest import MANIFEST_KEY, build_manifest, write_manifest
+from longcat_job.storage import ObjectStore, store_for
+
+from .terminal import ProgressView, local_path, print_summary
 
 # What the trainer writes when it has saved a checkpoint (checkpoint.py's `latest`); read here to say "resuming".
 LATEST_CHECKPOINT_KEY = "checkpoints/latest"
-EXIT_CODE_FILE_ENV = "LONGCAT_EXIT_CODE_FILE"  # the trainer's own exit code: torchrun's is 1 whatever failed
-METRICS_PORT_ENV = "LONGCAT_METRICS_PORT"
+METRICS_PORT_ENV = "LONGCAT_METRICS_PORT"  # metrics.py's (which imports torch: this module must not)
 POLL_S = 0.5
-EXIT_INTERRUPTED = 130  # 128 + SIGINT: stopped by Ctrl-C with nothing to save yet
 
 
 Say = Callable[..., None]  # print-like: say(text, file=sys.stderr)
@@ -123,7 +123,7 @@ def prepare_output(job: LongCatI2VJob, output: ObjectStore, say: Say = print) ->
 
 
 def torchrun_command(config: Path, processes: int) -> list[str]:
-    """The pods' launch (manifests.torchrun_command) for one machine: a standalone rendezvous on localhost."""
+    """The pods' launch (gang.torchrun_command) for one machine: a standalone rendezvous on localhost."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
             "-m", "longcat_trainer", "--config", str(config)]
 
@@ -175,18 +175,18 @@ def run_job(job_path: Path, *, processes: int | None = None, cpu: bool = False, 
     except InvalidJob as exc:
         for error in exc.errors:
             say(f"{job_path}: {error}", file=sys.stderr)
-        return 1
+        return ExitCode.ERROR
     except OSError as exc:
         say(f"{job_path}: cannot read: {exc.strerror}", file=sys.stderr)
-        return 1
+        return ExitCode.ERROR
     try:
         return _run(job, job_path, processes, cpu, say)
     except RunRefused as exc:
         say(f"{job_path}: {exc}", file=sys.stderr)
-        return 1
+        return ExitCode.ERROR
     except KeyboardInterrupt:  # Ctrl-C before the trainer started (during preflight): nothing to save
         say("stopped before training started", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return ExitCode.INTERRUPTED
 
 
 def _run(job: LongCatI2VJob, job_path: Path, processes: int | None, cpu: bool, say: Say) -> int:
@@ -248,14 +248,14 @@ def _report(final: TrainerProgress | None, code: int, launcher_code: int, interr
     if final is not None and final.phase == "Preempted":
         say(f"stopped at step {final.progress.step} with a checkpoint "
             f"({local_path(final.artifacts.latest_checkpoint or '')}); {again}")
-        return EXIT_PREEMPTED
+        return ExitCode.PREEMPTED
     if interrupted:
         say(f"stopped (the checkpoints and caches written so far are kept); {again}")
-        return EXIT_INTERRUPTED
+        return ExitCode.INTERRUPTED
     if final is not None and final.failure is not None:
         say(f"failed ({final.failure.reason}): {final.failure.message}", file=sys.stderr)
     else:
         say(f"the trainer stopped with exit code {code}; its log ends:", file=sys.stderr)
         say("".join(log_file.read_text(errors="replace").splitlines(keepends=True)[-30:]), file=sys.stderr)
     say(f"trainer log: {log_file}", file=sys.stderr)
-    return code or 1
+    return code or ExitCode.ERROR

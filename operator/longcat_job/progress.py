@@ -1,4 +1,4 @@
-"""`progress.json`: what the trainer's rank 0 reports under the job's output location, and how it exits.
+"""`progress.json`: what the trainer's rank 0 reports under the job's output location.
 
 Torch-free, so the operator reads the same model the trainer writes; `progress` and `artifacts` are the
 job status's own `Progress` and `Artifacts`, so the operator mirrors them into status without conversion.
@@ -12,16 +12,11 @@ from typing import Literal
 from pydantic import Field
 
 from .api import ApiModel, Artifacts, Progress
+from .failures import FailureReason
 
 PROGRESS_KEY = "progress.json"
 
-# sysexits.h EX_CONFIG: the job file or its data is wrong; restarting the gang cannot help, fail at once.
-EXIT_CONFIG_ERROR = 78
-# 128 + SIGTERM: stopped by pre-emption after saving a checkpoint; a restart resumes from it.
-EXIT_PREEMPTED = 143
-
 Phase = Literal["Starting", "Caching", "Training", "Succeeded", "Failed", "Preempted"]
-FailureReason = Literal["BadInput", "InvalidConfig", "Error"]
 
 
 class CacheCounts(ApiModel):
@@ -41,7 +36,7 @@ class BadSamples(ApiModel):
 
 
 class Failure(ApiModel):
-    reason: FailureReason
+    reason: FailureReason = Field(strict=False)
     message: str
 
 

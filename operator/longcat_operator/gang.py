@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from .api import GROUP, SECRET_ACCESS_KEY_ID, SECRET_SECRET_ACCESS_KEY, LongCatI2VJob, S3Access
+from longcat_job.api import (
+    GROUP,
+    SECRET_ACCESS_KEY_ID,
+    SECRET_SECRET_ACCESS_KEY,
+    LongCatI2VJob,
+    S3Access,
+)
+from longcat_job.failures import InvalidConfigError
+
 from .settings import OperatorSettings
 
 CONFIG_KEY = "job.json"
@@ -22,7 +30,7 @@ TRAINER_UID = 10001
 GRACE_PERIOD_S = 60
 
 
-class ManifestError(ValueError):
+class GangError(InvalidConfigError):
     """The job cannot be expressed as pods; the message names the field."""
 
 
@@ -71,7 +79,7 @@ def credentials_secret(job: LongCatI2VJob) -> str | None:
     """The one Secret every S3 location of the job uses; the pods get it as AWS_* variables."""
     names = {access.credentials_secret for _, access in _s3_accesses(job) if access.credentials_secret}
     if len(names) > 1:
-        raise ManifestError(
+        raise GangError(
             f"the job's S3 locations name several credentials Secrets ({', '.join(sorted(names))}): a gang reads "
             "one set of credentials, so give every credentialsSecret the same Secret"
         )

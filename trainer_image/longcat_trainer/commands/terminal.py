@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from .progress import TrainerProgress
+from longcat_job.progress import TrainerProgress
 
 LINE_EVERY_S = 10.0
 LOG_TAIL_BYTES = 4096

@@ -17,9 +17,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .api import DEFAULT_MODEL_SOURCE
-from .local_run import run_job
-from .storage import LocalStore
+from longcat_job.api import DEFAULT_MODEL_SOURCE
+from longcat_job.storage import LocalStore
+
+from ..data.synthetic import write_shapes_dataset
+from ..model.tiny import write_tiny_checkpoint
+from .run import run_job
 
 CLIPS = 3
 
@@ -62,21 +65,14 @@ spec:
 
 
 def write_inputs(root: Path, say: Any = print) -> Path:
-    """Dataset, tiny checkpoint and job file under root (each only when absent); returns the job file.
-
-    The trainer's packages write the clips (PyAV) and the checkpoint (torch): imported only when needed.
-    """
+    """Dataset, tiny checkpoint and job file under root (each only when absent); returns the job file."""
     root.mkdir(parents=True, exist_ok=True)
     data, model, job = root / "data", root / "model", root / "job.yaml"
     if not data.is_dir():
-        from longcat_trainer.data.synthetic import write_shapes_dataset  # noqa: PLC0415
-
         _atomically(data, lambda tmp: write_shapes_dataset(LocalStore(tmp), count=CLIPS, frames=9, height=64,
                                                            width=112))
         say(f"wrote {CLIPS} clips of moving shapes with captions and start frames: {data}")
     if not model.is_dir():
-        from longcat_trainer.model.tiny import write_tiny_checkpoint  # noqa: PLC0415
-
         _atomically(model, write_tiny_checkpoint)
         say(f"wrote a tiny random checkpoint in the official layout: {model}")
     if not job.is_file():

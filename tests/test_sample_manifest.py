@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from longcat_operator.api import Location
-from longcat_operator.manifest import MANIFEST_KEY, ManifestError, build_manifest, read_manifest, write_manifest
-from longcat_operator.storage import LocalStore, store_for
-from tests.fixtures.s3 import S3Server
+from longcat_job.api import Location
+from longcat_job.sample_manifest import MANIFEST_KEY, ManifestError, build_manifest, read_manifest, write_manifest
+from longcat_job.storage import LocalStore, store_for
 from tests.datasets import IMAGE, job, local_place, preflight, s3_place
+from tests.fixtures.s3 import S3Server
 
 FILES = {
     "train": {"a.mp4": b"clip a", "a.txt": b"caption a", "b.mp4": b"clip b", "b.txt": b"caption b"},

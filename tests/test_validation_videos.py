@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from longcat_operator.api import Location, LoraSpec
-from longcat_operator.storage import store_for
-from longcat_operator.validation import parse_job
-from longcat_trainer import lora, train, validate
+from longcat_job.api import Location, LoraSpec
+from longcat_job.parse import parse_job
+from longcat_job.storage import store_for
+from longcat_trainer import lora, train, validation_videos
 from longcat_trainer.data.synthetic import write_shapes_dataset
 from longcat_trainer.distributed import init_world
 from longcat_trainer.model.loading import load_dit
@@ -52,7 +52,7 @@ def test_validation_uploads_videos_sheets_and_index_under_the_step_prefix(
     lora.add_lora(dit, LoraSpec(rank=4))
     dit.train()
     before = {k: v.clone() for k, v in dit.state_dict().items()}
-    validator = validate.Validator()
+    validator = validation_videos.Validator()
 
     def info(step: int) -> train.StepInfo:
         return train.StepInfo(step, dit, world, job, tiny_checkpoint, output, None, {})

@@ -8,9 +8,9 @@ import json
 import pytest
 import yaml
 
-from longcat_operator import manifests
+from longcat_job.parse import parse_job
+from longcat_operator import gang
 from longcat_operator.settings import OperatorSettings
-from longcat_operator.validation import parse_job
 from tests.invalid_jobs import MINIMAL, ROOT
 
 OWNER = {"apiVersion": "longcat.video/v1alpha1", "kind": "LongCatI2VJob",
@@ -28,7 +28,7 @@ def _job(**resources):
 
 def test_single_node_job_talks_to_itself():
     job = _job()
-    command = manifests.torchrun_command(job, SETTINGS, attempt=0)
+    command = gang.torchrun_command(job, SETTINGS, attempt=0)
     assert "--master-addr=127.0.0.1" in command and "--nnodes=1" in command
     assert command[-4:] == ["-m", "longcat_trainer", "--config", "/etc/longcat/job.json"]
 
@@ -36,7 +36,7 @@ def test_single_node_job_talks_to_itself():
 def test_multi_node_gang():
     job = parse_job(yaml.safe_load((ROOT / "examples" / "multi-node.yaml").read_text()))
     job.metadata.namespace = "team-a"
-    k8s_job = manifests.indexed_job(job, SETTINGS, OWNER, attempt=3)
+    k8s_job = gang.indexed_job(job, SETTINGS, OWNER, attempt=3)
     spec = k8s_job["spec"]
     assert k8s_job["metadata"]["name"] == "multi-node-a3"
     assert (spec["completionMode"], spec["completions"], spec["parallelism"], spec["backoffLimit"]) == ("Indexed", 2, 2, 0)
@@ -53,20 +53,20 @@ def test_multi_node_gang():
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "32Gi"}
-    assert spec["template"]["metadata"]["labels"][manifests.LABEL_ATTEMPT] == "3"
+    assert spec["template"]["metadata"]["labels"][gang.LABEL_ATTEMPT] == "3"
 
 
 def test_kueue_job_is_created_suspended_with_the_queue_label():
-    k8s_job = manifests.indexed_job(_job(queueName="gpu-team-a"), SETTINGS, OWNER, attempt=0)
-    assert k8s_job["metadata"]["labels"][manifests.LABEL_QUEUE] == "gpu-team-a"
+    k8s_job = gang.indexed_job(_job(queueName="gpu-team-a"), SETTINGS, OWNER, attempt=0)
+    assert k8s_job["metadata"]["labels"][gang.LABEL_QUEUE] == "gpu-team-a"
     assert k8s_job["spec"]["suspend"] is True
-    plain = manifests.indexed_job(_job(), SETTINGS, OWNER, attempt=0)
-    assert manifests.LABEL_QUEUE not in plain["metadata"]["labels"] and plain["spec"]["suspend"] is False
+    plain = gang.indexed_job(_job(), SETTINGS, OWNER, attempt=0)
+    assert gang.LABEL_QUEUE not in plain["metadata"]["labels"] and plain["spec"]["suspend"] is False
 
 
 def test_config_map_holds_the_resolved_job_and_no_credentials():
-    cm = manifests.config_map(_job(), SETTINGS, OWNER)
-    text = cm["data"][manifests.CONFIG_KEY]
+    cm = gang.config_map(_job(), SETTINGS, OWNER)
+    text = cm["data"][gang.CONFIG_KEY]
     resolved = parse_job(json.loads(text))
     assert resolved.spec.output.s3.endpoint == "http://s3.local:8333"
     assert resolved.spec.lora.rank == 8 and resolved.status is None
@@ -75,7 +75,7 @@ def test_config_map_holds_the_resolved_job_and_no_credentials():
 
 
 def test_credentials_come_from_the_secret_as_environment():
-    container = manifests.indexed_job(_job(), SETTINGS, OWNER, 0)["spec"]["template"]["spec"]["containers"][0]
+    container = gang.indexed_job(_job(), SETTINGS, OWNER, 0)["spec"]["template"]["spec"]["containers"][0]
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e}
     assert refs == {"AWS_ACCESS_KEY_ID": "s3-credentials", "AWS_SECRET_ACCESS_KEY": "s3-credentials"}
     assert container["image"] == "registry.local/trainer:1"
@@ -84,19 +84,19 @@ def test_credentials_come_from_the_secret_as_environment():
 def test_two_secrets_in_one_job_are_refused_by_name():
     doc = copy.deepcopy(MINIMAL)
     doc["spec"]["output"]["s3"]["credentialsSecret"] = "other-secret"
-    with pytest.raises(manifests.ManifestError, match="other-secret, s3-credentials"):
-        manifests.credentials_secret(parse_job(doc))
+    with pytest.raises(gang.GangError, match="other-secret, s3-credentials"):
+        gang.credentials_secret(parse_job(doc))
 
 
 def test_local_locations_are_named():
     doc = copy.deepcopy(MINIMAL)
     doc["spec"]["output"] = {"local": {"path": "/out"}}
-    assert manifests.local_locations(parse_job(doc)) == ["spec.output.local"]
-    assert manifests.local_locations(_job()) == []
+    assert gang.local_locations(parse_job(doc)) == ["spec.output.local"]
+    assert gang.local_locations(_job()) == []
 
 
 def test_service_is_headless_and_publishes_unready_pods():
-    svc = manifests.service(_job(), SETTINGS, OWNER)
+    svc = gang.service(_job(), SETTINGS, OWNER)
     assert svc["metadata"]["name"] == "lcj-minimal"
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
-    assert svc["spec"]["selector"] == {manifests.LABEL_JOB: "minimal"}
+    assert svc["spec"]["selector"] == {gang.LABEL_JOB: "minimal"}

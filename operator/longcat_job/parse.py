@@ -5,16 +5,16 @@ Used by `longcat-i2v validate`, the webhook and the operator, so every place wor
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import re
 
 import yaml
 from pydantic import ValidationError
 
 from .api import LongCatI2VJob
+from .failures import InvalidConfigError
 
 # Pydantic's wording for these says what is wrong but not what to do.
 _HINTS = {
@@ -45,7 +45,7 @@ class FieldError:
         return f"{self.path}: {self.message}"
 
 
-class InvalidJob(ValueError):
+class InvalidJob(InvalidConfigError):
     def __init__(self, errors: list[FieldError]):
         self.errors = errors
         super().__init__("\n".join(str(e) for e in errors))

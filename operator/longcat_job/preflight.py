@@ -35,7 +35,13 @@ from .pairing import (
     report_orphan_start_frames,
 )
 from .s3 import S3AccessError
-from .storage import CredentialsLookup, ObjectRecord, ObjectStore, env_credentials, store_for
+from .storage import (
+    CredentialsLookup,
+    ObjectRecord,
+    ObjectStore,
+    env_credentials,
+    store_for,
+)
 
 log = logging.getLogger(__name__)
 

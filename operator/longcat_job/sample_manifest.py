@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .api import JobSpec
+from .failures import InvalidConfigError
 from .preflight import PreflightResult
 from .storage import ObjectRecord, ObjectStore
 
@@ -75,8 +76,8 @@ def _digest(value: object) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-class ManifestError(Exception):
-    pass
+class ManifestError(InvalidConfigError):
+    """manifest.json cannot be read as a manifest; the message says to delete it."""
 
 
 def build_manifest(job: str, spec: JobSpec, result: PreflightResult) -> Manifest:

@@ -24,8 +24,8 @@ from typing import TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from longcat_operator.manifest import Manifest, ManifestObject, ManifestSample, Split
-from longcat_operator.storage import ObjectChangedError, ObjectStore
+from longcat_job.sample_manifest import Manifest, ManifestObject, ManifestSample, Split
+from longcat_job.storage import ObjectChangedError, ObjectStore
 
 log = logging.getLogger(__name__)
 

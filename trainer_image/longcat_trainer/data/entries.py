@@ -1,0 +1,62 @@
+"""A training sample as the caches hold it: references to its entries, and reading them into batch tensors.
+
+The caches (cache/) write these entries; the batch stream (batches.py) reads them. An entry is a safetensors
+file: clip or start-frame latents (with the sample's bucket in its metadata) or a caption's text states.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load as load_safetensors
+
+from longcat_job.storage import ObjectStore
+
+from ..model import encode
+from .video import Bucket
+
+
+@dataclass(frozen=True)
+class Ref:
+    """One cache entry: the dataset whose cache holds it, and its key there."""
+
+    store: str
+    key: str
+
+
+@dataclass(frozen=True)
+class TrainSample:
+    name: str  # dataset/stem, for messages
+    clip: Ref
+    start: Ref
+    text: Ref
+    bucket: Bucket
+
+
+def read_entry(store: ObjectStore, key: str) -> dict[str, torch.Tensor]:
+    return load_safetensors(store.get_bytes(key))
+
+
+def read_bucket(store: ObjectStore, key: str) -> Bucket:
+    """The bucket in a latent entry's safetensors header, read without fetching the tensors."""
+    with store.open_ranged(key) as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    return Bucket.parse(header["__metadata__"]["bucket"])
+
+
+def text_batch(
+    entries: list[dict[str, torch.Tensor]], max_length: int = encode.MAX_TEXT_TOKENS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored caption states -> states [B, 1, max_length, D] zero-padded and mask [B, max_length], as encoded."""
+    width = entries[0]["states"].shape[-1]
+    states = torch.zeros(len(entries), 1, max_length, width)
+    mask = torch.zeros(len(entries), max_length, dtype=torch.int64)
+    for i, entry in enumerate(entries):
+        n = entry["states"].shape[0]
+        states[i, 0, :n] = entry["states"]
+        mask[i, :n] = 1
+    return states, mask
