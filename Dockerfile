@@ -4,10 +4,14 @@ FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 # The dependencies first, in a layer of their own (no code yet: setuptools finds no packages), so that a code
 # change rebuilds only the last layer.
-COPY pyproject.toml constraints.txt README.md ./
-RUN python -m venv /opt/venv \
+COPY pyproject.toml constraints.txt ./
+# pyproject.toml names the README; its text is not needed to install the dependencies (nor does an edit of it
+# rebuild them): the real one comes with the code.
+RUN touch README.md \
+    && python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir -c constraints.txt ".[operator]"
 # operator/ holds longcat_job and longcat_operator; the trainer's package is not part of this image.
+COPY README.md ./
 COPY operator ./operator
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --force-reinstall .
 

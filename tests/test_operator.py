@@ -185,7 +185,7 @@ def test_a_stale_timer_body_does_not_bring_back_a_replaced_attempt(cluster, crd_
                 "lastTransitionTime": "2026-11-25T12:00:00Z"}
     body = kopf.Body({**get_json(cluster, "-n", namespace, "lcj", "stale"),
                       "status": {"phase": "Training", "conditions": [launched]}})
-    apply.create_attempt(read.job_of(body), apply.owner(body), 1, reconcile.SETTINGS)  # attempt 1 replaced 0
+    apply.create_attempt(read.job_of(body, reconcile.SETTINGS), apply.owner(body), 1, reconcile.SETTINGS)  # 1 replaced 0
     patch = kopf.Patch()
     reconcile.observe(body=body, patch=patch)
     assert not patch and job_status(cluster, namespace, "stale") == {}  # nothing written either
@@ -228,3 +228,20 @@ def test_two_replicas_one_acts_and_the_other_takes_over(cluster, crd_installed, 
         for replica in replicas:
             replica.kill()
             replica.wait()
+
+
+def test_locations_without_an_endpoint_use_the_operators_default(cluster, crd_installed, namespace, s3_server,
+                                                                 s3_bucket, monkeypatch):
+    """The chart's trainer.defaultS3Endpoint serves the operator's own preflight as it serves the pods."""
+    monkeypatch.setattr(reconcile, "SETTINGS", reconcile.SETTINGS.model_copy(
+        update={"default_s3_endpoint": s3_server.endpoint}))
+    credentials_and_data(cluster, namespace, s3_server, s3_bucket)
+    job = s3_job("noendpoint", s3_server, s3_bucket, nodes=1)
+    for location in [d["source"] for d in job["spec"]["datasets"]] + [job["spec"]["output"]]:
+        del location["s3"]["endpoint"]
+    with running_operator(cluster, namespace):
+        apply_job(cluster, namespace, job)
+        status = wait_for("phase Launching", phase_is(cluster, namespace, "noendpoint", "Launching"))
+    assert status["datasets"][0]["samples"] == 3
+    config = json.loads(get_json(cluster, "-n", namespace, "configmap", "noendpoint-config")["data"]["job.json"])
+    assert config["spec"]["output"]["s3"]["endpoint"] == s3_server.endpoint

@@ -21,7 +21,10 @@ from . import status as transitions
 from .gang import gang_name
 
 # What a running gang's phase is, by what its trainer last reported in progress.json.
-TRAINER_PHASES = {"Caching": Phase.CACHING, "Training": Phase.TRAINING}
+# A trainer that reports Succeeded is still Training for the job until its Job completes.
+TRAINER_PHASES = {"Caching": Phase.CACHING, "Training": Phase.TRAINING, "Succeeded": Phase.TRAINING}
+# Phases of a gang whose pods have run: when one stops, the Job completes or fails next, the phase stays.
+STARTED = frozenset({Phase.CACHING, Phase.TRAINING})
 
 
 # --- what was observed ---------------------------------------------------------------------------------------
@@ -203,7 +206,10 @@ def _current_attempt(spec: JobSpec, status: JobStatus, base: JobStatus, attempt:
         return _with_phase_event(status, transitions.with_phase(base, Phase.SUSPENDED), [])
     if observed.running_pods == spec.resources.nodes:
         reported = TRAINER_PHASES.get(observed.progress.phase) if observed.progress is not None else None
-        new = transitions.running(base, observed.running_pods, reported or Phase.CACHING, generation)
+        phase = reported or (status.phase if status.phase in STARTED else Phase.CACHING)
+        new = transitions.running(base, observed.running_pods, phase, generation)
+    elif status.phase in STARTED:
+        new = base  # pods ending: the Job's Complete or Failed condition follows
     else:
         new = transitions.with_phase(base, Phase.LAUNCHING)
     return _with_phase_event(status, new, [])

@@ -23,6 +23,7 @@ from longcat_job.storage import store_for
 from . import gang, kube
 from .decide import Attempt, Observed, PodExit, Preflight, Refusal
 from .metrics import PREFLIGHT_FAILURES, PREFLIGHT_SECONDS
+from .settings import OperatorSettings
 from .status import DATASET_READY, VALIDATED
 
 # A Secret created right after the job gets this many tries, `SECRET_RETRY_DELAY_S` apart, before the job fails.
@@ -30,17 +31,18 @@ SECRET_RETRIES = 3
 SECRET_RETRY_DELAY_S = 10
 
 
-def job_of(body: kopf.Body) -> LongCatI2VJob:
-    """The job of a watched object (raises InvalidJob)."""
+def job_of(body: kopf.Body, settings: OperatorSettings) -> LongCatI2VJob:
+    """The job of a watched object as the operator and its pods use it: S3 locations without an endpoint get the
+    operator's default (raises InvalidJob)."""
     document = {key: body[key] for key in ("apiVersion", "kind", "spec")}
     document["metadata"] = {"name": body.metadata.name, "namespace": body.metadata.namespace}
-    return parse_job(document)
+    return gang.resolved(parse_job(document), settings)
 
 
-def validated(body: kopf.Body) -> tuple[LongCatI2VJob | None, Refusal | None]:
+def validated(body: kopf.Body, settings: OperatorSettings) -> tuple[LongCatI2VJob | None, Refusal | None]:
     """The job, or why it cannot run in a cluster at all (what the optional webhook refuses at admission)."""
     try:
-        job = job_of(body)
+        job = job_of(body, settings)
     except InvalidJob as exc:
         return None, Refusal(VALIDATED, "InvalidSpec", str(exc))
     local = gang.local_locations(job)

@@ -7,8 +7,10 @@ suspend  (spec.suspend)    suspend or resume the gang
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +31,18 @@ SETTINGS = OperatorSettings.from_env()
 
 @kopf.on.login()
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """The pod's ServiceAccount in a cluster, else KUBECONFIG as it is when the operator starts."""
-    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    """The pod's ServiceAccount in a cluster, else KUBECONFIG as it is when the operator starts.
+
+    In a pod, the API server is reached at the `kubernetes` Service's address from the environment, as client-go
+    and the official Python client find it: kopf's default name, kubernetes.default.svc, needs cluster DNS.
+    """
+    info = kopf.login_with_service_account(**kwargs)
+    if info is None:
+        return kopf.login_with_kubeconfig(**kwargs)
+    host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+    if host:
+        info = dataclasses.replace(info, server=f"https://{f'[{host}]' if ':' in host else host}:{port}")
+    return info
 
 
 @kopf.on.startup()
@@ -67,7 +79,7 @@ def _timed(handler: str):
 def launch(body: kopf.Body, retry: int, logger: logging.Logger, **_: Any) -> None:
     status = transitions.parse(body.status)
     generation = body.metadata.get("generation")
-    job, refusal = read.validated(body)
+    job, refusal = read.validated(body, SETTINGS)
     spec = job.spec if job is not None else None
     decision = decide(body.metadata.name, spec, status, Observed(refusal=refusal), generation)
     apply(body, job, status, decision, SETTINGS)
@@ -87,7 +99,7 @@ def launch(body: kopf.Body, retry: int, logger: logging.Logger, **_: Any) -> Non
 def admit(body: kopf.Body, **_: Any) -> None:
     """The optional webhook: refuses at `kubectl apply` what the operator would fail at launch and CEL cannot
     say (local directories in a cluster, several credentials Secrets), with the same message."""
-    _, refusal = read.validated(body)
+    _, refusal = read.validated(body, SETTINGS)
     if refusal is not None:
         raise kopf.AdmissionError(refusal.message, code=422)
 
@@ -103,7 +115,7 @@ def _is_launched(status: kopf.Status, **_: Any) -> bool:
 
 def _pass(body: kopf.Body, suspend_request: bool | None = None) -> bool:
     """One read -> decide -> apply of a launched job's gang; False when the body was older than the job."""
-    job = read.job_of(body)
+    job = read.job_of(body, SETTINGS)
     status = transitions.parse(body.status)
     credentials, _ = read.credentials(job, retry=read.SECRET_RETRIES)  # a Secret gone mid-run: progress unread
     observed = read.gang_state(job, credentials, status.restarts, suspend_request)

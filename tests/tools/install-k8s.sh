@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the pinned kube-apiserver and kube-controller-manager from the Go module proxy into
-# ~/.cache/longcat-i2v/k8s-<version>/bin. A fast no-op when that directory is complete.
+# Builds the pinned control plane (kube-apiserver, kube-controller-manager, kube-scheduler) and node
+# (kubelet, kube-proxy, and the sandbox's `pause` from the same module's C source) from the Go module proxy
+# into ~/.cache/longcat-i2v/k8s-<version>/bin. A fast no-op when that directory is complete.
 #
 # k8s.io/kubernetes cannot be `go install`ed: its go.mod replaces the staging modules (k8s.io/api,
 # k8s.io/client-go, ...) with ./staging paths that do not exist in the module zip. So we generate a tiny
@@ -18,12 +19,12 @@ source "$here/versions.env"
 version="$KUBERNETES_VERSION"
 cache="${LONGCAT_CACHE:-$HOME/.cache/longcat-i2v}"
 dest="$cache/k8s-$version"
-commands=(kube-apiserver kube-controller-manager)
+commands=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
 
 complete() {
     [[ -f "$dest/.complete" ]] || return 1
     local c
-    for c in "${commands[@]}"; do [[ -x "$dest/bin/$c" ]] || return 1; done
+    for c in "${commands[@]}" pause; do [[ -x "$dest/bin/$c" ]] || return 1; done
 }
 
 if complete; then
@@ -57,8 +58,8 @@ jobs="${LONGCAT_BUILD_JOBS:-$(( $(nproc) < 2 ? $(nproc) : 2 ))}"
 work="$cache/k8s-$version.work"
 rm -rf "$work" "$dest.tmp"
 mkdir -p "$work" "$dest.tmp/bin"
-echo "install-k8s: building kube-apiserver and kube-controller-manager $version with $jobs job(s)" \
-     "(about 6 min on 2 idle cores, then cached in $dest)"
+echo "install-k8s: building ${commands[*]} $version with $jobs job(s)" \
+     "(about 15 min on 2 idle cores, then cached in $dest)"
 
 upstream_mod="$(cd "$work" && go mod download -json "k8s.io/kubernetes@$version" \
     | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",*$/\1/p')"
@@ -118,6 +119,15 @@ cd "$work"
 packages=()
 for c in "${commands[@]}"; do packages+=("k8s.io/kubernetes/cmd/$c"); done
 total=$(go list -deps "${packages[@]}" | wc -l)
+# The pod sandbox's pause process: Kubernetes ships its C source in the module; no image can be pulled here.
+pause_c="$(go list -m -f '{{.Dir}}' k8s.io/kubernetes)/build/pause/linux/pause.c"
+if ! command -v gcc >/dev/null; then
+    echo "install-k8s: gcc is needed to build the pod sandbox's pause from $pause_c" >&2
+    exit 1
+fi
+gcc -Os -static -o "$dest.tmp/bin/pause" "$pause_c"
+strip "$dest.tmp/bin/pause"
+
 began=$SECONDS
 echo "install-k8s: compiling $total packages ($SECONDS s so far)"
 nice -n 10 go build -v -p "$jobs" -trimpath -ldflags "$ldflags" -o "$dest.tmp/bin/" "${packages[@]}" 2>&1 \
