@@ -100,9 +100,12 @@ build() {
     if [[ ! -f "$images/$name-${ref##*:}.tar" ]] && ! "${buildah[@]}" inspect --type image "$ref" >/dev/null 2>&1; then
         say "building $ref from $dockerfile (the trainer's first build downloads torch: about 5 min)"
         local began=$SECONDS
+        local mounts=() file
+        for file in /etc/ssl/certs/ca-certificates.crt /etc/pip.conf; do
+            [[ -f "$file" ]] && mounts+=(-v "$file:$file:ro")
+        done
         (cd "$root" && "${buildah[@]}" bud --runtime /usr/sbin/runc --quiet --layers --pull=never --network host \
-            -v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro \
-            -v /etc/pip.conf:/etc/pip.conf:ro -f "$dockerfile" -t "$ref" . >/dev/null)
+            "${mounts[@]}" -f "$dockerfile" -t "$ref" . >/dev/null)
         say "built $ref in $((SECONDS - began)) s: $("${buildah[@]}" images --format '{{.Size}}' "$ref")"
     fi
     archive "$name" "$ref"
