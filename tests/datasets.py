@@ -8,6 +8,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from PIL import Image
 
 from longcat_job.api import JobSpec
 from longcat_job.preflight import PreflightResult, run_preflight
@@ -32,6 +33,13 @@ def encode_clip(frames: int, width: int, height: int, *, noise: bool = False) ->
                 image = np.full((height, width, 3), (i * 25) % 256, np.uint8)
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode())
+    return buf.getvalue()
+
+
+def png(width: int, height: int) -> bytes:
+    """A real PNG of that size."""
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 40, 40)).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -87,6 +95,7 @@ def local_place(root: Path) -> Place:
     return Place(write, location)
 
 
-def preflight(server: S3Server | None, spec: JobSpec, **kwargs) -> PreflightResult:
+def preflight(server: S3Server | None, spec: JobSpec, *, deep: bool = False, **kwargs) -> PreflightResult:
+    """Shallow unless asked: most tests here are about listing and pairing, with bytes that do not decode."""
     creds = server.credentials if server else None
-    return run_preflight(spec, credentials=lambda _name: creds, **kwargs)
+    return run_preflight(spec, credentials=lambda _name: creds, deep=deep, **kwargs)

@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as save_safetensors
 
+from longcat_job.buckets import Bucket
 from longcat_job.storage import LocalStore
 from longcat_trainer.data.batches import BatchStream, DeviceBatches, epoch_batches
 from longcat_trainer.data.entries import Ref, TrainSample
 from longcat_trainer.data.shards import shard
-from longcat_trainer.data.video import Bucket
 
 
 def samples(n: int) -> list[TrainSample]:

@@ -81,15 +81,26 @@ def test_a_bad_job_is_refused_with_its_field_path_before_anything_starts(tmp_pat
     assert not (tmp_path / "out").exists()  # ... and nothing was written
 
 
-def test_missing_start_frames_are_refused_by_preflight_before_training(tmp_path: Path) -> None:
+# One hole per kind the deep preflight finds before torchrun starts: a missing file, a clip that is not a
+# video, a caption that is not text.
+HOLES = {
+    "missing start frame": lambda data: (data / "start_frames/shape-001.png").unlink(),
+    "0-byte clip": lambda data: (data / "clips/shape-001.mp4").write_bytes(b""),
+    "caption not UTF-8": lambda data: (data / "clips/shape-001.txt").write_bytes(b"caf\xe9 at dusk"),
+}
+
+
+@pytest.mark.parametrize("hole", HOLES)
+def test_a_bad_sample_is_refused_by_preflight_before_training(tmp_path: Path, hole: str) -> None:
     write_shapes_dataset(LocalStore(tmp_path / "data"), count=2, frames=9, height=64, width=112)
-    (tmp_path / "data/start_frames/shape-001.png").unlink()
+    HOLES[hole](tmp_path / "data")
     job_file = write_job(tmp_path, tmp_path / "model")
 
     result = subprocess.run([CLI, "run", str(job_file)], capture_output=True, text=True, timeout=60,
                             env=cli_env(tmp_path))
     assert result.returncode == 1, result.stdout + result.stderr
     assert "shape-001" in result.stdout and "preflight found the problems above" in result.stderr
+    assert "shape-000" not in result.stdout  # the good sample is not blamed
     assert "trainer log" not in result.stdout
     assert not (tmp_path / "out/manifest.json").exists()
 
@@ -128,7 +139,7 @@ def wait_for(predicate, process: subprocess.Popen, what: str) -> None:
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tiny_checkpoint: Path, tmp_path: Path) -> None:
     write_shapes_dataset(LocalStore(tmp_path / "data"), count=3, frames=9, height=64, width=112)
-    job_file = write_job(tmp_path, tiny_checkpoint)
+    write_job(tmp_path, tiny_checkpoint)
     out = tmp_path / "out"
     command = [CLI, "run", "job.yaml"]  # relative, from the job's folder, as a user types it
 

@@ -107,6 +107,19 @@ def test_missing_start_frames_fail_before_any_pod(cluster, operator, namespace, 
     assert get_json(cluster, "-n", namespace, "jobs")["items"] == []
 
 
+def test_a_corrupt_clip_fails_preflight_naming_it_before_any_pod(cluster, operator, namespace, s3_server,
+                                                                 s3_bucket):
+    credentials_and_data(cluster, namespace, s3_server, s3_bucket)
+    s3_server.client().put_object(Bucket=s3_bucket, Key="clips/city.mp4", Body=b"\x00\x00\x00\x18ftypmp42" + bytes(64))
+    apply_job(cluster, namespace, s3_job("corrupt", s3_server, s3_bucket))
+    status = wait_for("phase Failed", phase_is(cluster, namespace, "corrupt", "Failed"))
+    ready = next(c for c in status["conditions"] if c["type"] == "DatasetReady")
+    assert ready["status"] == "False" and ready["reason"] == "PreflightFailed"
+    assert "ClipUnreadable" in ready["message"] and "city.mp4" in ready["message"]
+    assert "beach" not in ready["message"] and "forest" not in ready["message"]
+    assert get_json(cluster, "-n", namespace, "jobs")["items"] == []
+
+
 def test_bad_input_exit_code_fails_without_restart(cluster, operator, namespace, s3_server, s3_bucket):
     credentials_and_data(cluster, namespace, s3_server, s3_bucket)
     apply_job(cluster, namespace, s3_job("badinput", s3_server, s3_bucket, nodes=1))

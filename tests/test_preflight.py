@@ -17,10 +17,12 @@ from longcat_job.pairing import (
     pair,
     report_orphan_start_frames,
 )
-from longcat_job.preflight import PreflightResult, read_clip_header, run_preflight
+from longcat_job.preflight import PreflightResult, run_preflight
 from longcat_job.s3 import S3Credentials
+from longcat_job.sample_check import read_clip_header
+from longcat_job.sample_manifest import build_manifest
 from longcat_job.storage import ObjectRecord, S3Store
-from tests.datasets import CLIP, IMAGE, encode_clip, job, local_place, preflight, s3_place
+from tests.datasets import CLIP, IMAGE, encode_clip, job, local_place, png, preflight, s3_place
 from tests.fixtures.cluster import free_port
 from tests.fixtures.s3 import S3Server
 
@@ -173,32 +175,94 @@ def test_thousand_clips_report_names_exactly_the_five_broken(s3_server: S3Server
 
 # --- deep check -------------------------------------------------------------------------------------------------
 
+GOOD_CLIP = encode_clip(9, 48, 32)
+GOOD_FRAME = png(48, 32)
+GOOD_STEMS = [f"good{i:02d}" for i in range(20)]
+# The holes a new user's dataset typically has: stem -> (its files, the kind found, the example reported).
+HOLES = {
+    "short": ({"short.mp4": encode_clip(5, 48, 32)}, K.CLIP_TOO_SHORT, "short.mp4 (5 < 9 frames)"),
+    "small": ({"small.mp4": encode_clip(9, 32, 16), "small.png": png(32, 16)}, K.CLIP_TOO_SMALL,
+              "small.mp4 (32x16 < 32)"),
+    "corrupt": ({"corrupt.mp4": b"\x00\x00\x00\x18ftypmp42" + bytes(200)}, K.CLIP_UNREADABLE, "corrupt.mp4 ("),
+    "empty": ({"empty.mp4": b""}, K.CLIP_UNREADABLE, "empty.mp4 (0 bytes)"),
+    "blank": ({"blank.txt": b"  \n\t"}, K.EMPTY_CAPTION, "blank.txt"),
+    "latin1": ({"latin1.txt": "un café".encode("latin-1")}, K.CAPTION_NOT_UTF8, "latin1.txt (byte 6 is not UTF-8)"),
+    "long": ({"long.txt": b"a cat " * 1000}, K.CAPTION_TOO_LONG, "long.txt (6000 characters > 4000)"),
+    "wrongsize": ({"wrongsize.png": png(64, 64)}, K.START_FRAME_SIZE_MISMATCH,
+                  "frames/wrongsize.png (64x64, its clip wrongsize.mp4 is 48x32)"),
+    "badframe": ({"badframe.png": b"\x89PNG\r\n\x1a\n truncated"}, K.START_FRAME_UNREADABLE,
+                 "frames/badframe.png ("),
+}
+
+
+def holey_dataset() -> dict[str, dict[str, bytes]]:
+    """20 good samples and one sample per hole: the hole's file replaces the good one of its kind."""
+    files: dict[str, dict[str, bytes]] = {"train": {}, "frames": {}}
+    for stem in GOOD_STEMS + list(HOLES):
+        files["train"] |= {f"{stem}.mp4": GOOD_CLIP, f"{stem}.txt": f"a clip called {stem}".encode()}
+        files["frames"][f"{stem}.png"] = GOOD_FRAME
+    for stem, (overrides, _, _) in HOLES.items():
+        for key, data in overrides.items():
+            files["frames" if key.endswith(".png") else "train"][key] = data
+    return files
+
+
+@pytest.fixture(scope="module", params=["s3", "local"])
+def deep_result(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> PreflightResult:
+    server = request.getfixturevalue("s3_server") if request.param == "s3" else None
+    place = s3_place(server) if server else local_place(tmp_path_factory.mktemp("holes"))
+    return preflight(server, job(place.datasets(holey_dataset()), frames=9, resolution=32), deep=True)
+
 
 @pytest.mark.s3
-@pytest.mark.parametrize("where", ["s3", "local"])
-def test_deep_check_reads_clip_headers_and_captions(where: str, s3_server: S3Server, tmp_path: Path) -> None:
-    place = s3_place(s3_server) if where == "s3" else local_place(tmp_path)
-    files = {
-        "train": {
-            "ok.mp4": encode_clip(9, 48, 32), "ok.txt": b"fine",
-            "short.mp4": encode_clip(5, 48, 32), "short.txt": b"too few frames",
-            "small.mp4": encode_clip(9, 32, 16), "small.txt": b"16 pixels high",
-            "broken.mp4": b"not a video at all" * 10, "broken.txt": b"unreadable",
-            "blank.mp4": encode_clip(9, 48, 32), "blank.txt": b"  \n\t",
-        },
-        "frames": {f"{stem}.png": IMAGE for stem in ("ok", "short", "small", "broken", "blank")},
-    }
-    spec = job(place.datasets(files), frames=9, resolution=32)
-    shallow = preflight(s3_server if where == "s3" else None, spec)
-    assert shallow.report.ok and len(shallow.samples["train"]) == 5
-    deep = preflight(s3_server if where == "s3" else None, spec, deep=True)
-    assert problems(deep, "train") == {
-        K.CLIP_TOO_SHORT: ["short.mp4 (5 < 9 frames)"],
-        K.CLIP_TOO_SMALL: ["small.mp4 (32x16 < 32)"],
-        K.CLIP_UNREADABLE: ["broken.mp4"],
-        K.EMPTY_CAPTION: ["blank.txt"],
-    }
-    assert [s.stem for s in deep.samples["train"]] == ["ok"]
+@pytest.mark.parametrize("stem", list(HOLES))
+def test_deep_preflight_names_each_hole_with_its_file(deep_result: PreflightResult, stem: str) -> None:
+    _, kind, example = HOLES[stem]
+    found = problems(deep_result, "train")
+    assert kind in found, found
+    assert any(e.startswith(example) for e in found[kind]), found[kind]
+    assert any(e.key == f"{stem}.mp4" and e.reason.startswith(kind.value) for e in deep_result.excluded)
+
+
+@pytest.mark.s3
+def test_deep_preflight_keeps_every_good_sample_and_refuses_too_many_holes(deep_result: PreflightResult) -> None:
+    assert [s.stem for s in deep_result.samples["train"]] == GOOD_STEMS  # no good clip lost on the way
+    report = deep_result.report
+    assert (report.clips, report.unusable) == (29, 9) and report.too_many_unusable and not report.ok
+    assert "9 of 29 samples are unusable (31.0 %" in "\n".join(report.lines())
+    status = report.dataset("train").to_status()
+    assert status.problems == 9 and status.samples == 20
+
+
+@pytest.mark.s3
+def test_holes_within_the_bad_fraction_are_left_out_of_the_manifest(s3_server: S3Server) -> None:
+    files = holey_dataset()
+    spec = job(s3_place(s3_server).datasets(files), frames=9, resolution=32)
+    spec.training.max_bad_sample_fraction = 0.5
+    result = preflight(s3_server, spec, deep=True)
+    assert result.report.ok
+    manifest = build_manifest("holes", spec, result)
+    assert [sample.stem for _, sample in manifest.split("train")] == GOOD_STEMS
+    left_out = manifest.excluded("train")
+    assert len(left_out) == 9 and "train/corrupt.mp4: ClipUnreadable: corrupt.mp4 (" in " ".join(left_out)
+
+
+@pytest.mark.s3
+def test_clip_header_is_read_with_ranged_requests(s3_server: S3Server, s3_bucket: str) -> None:
+    noise = encode_clip(49, 256, 256, noise=True)
+    s3_server.client().put_object(Bucket=s3_bucket, Key="big.mp4", Body=noise)
+
+    class CountingStore(S3Store):
+        fetched = 0
+
+        def get_range(self, key: str, start: int, end: int) -> bytes:
+            CountingStore.fetched += end - start
+            return super().get_range(key, start, end)
+
+    record = ObjectRecord("big.mp4", len(noise), "unused")
+    header = read_clip_header(CountingStore(s3_server.client(), s3_bucket, what="dataset 'x'"), record)
+    assert (header.frames, header.width, header.height) == (49, 256, 256)
+    assert 0 < CountingStore.fetched < len(noise) / 2
 
 
 # --- errors of access --------------------------------------------------------------------------------------------
@@ -249,20 +313,3 @@ def test_missing_local_directory_names_the_dataset(tmp_path: Path) -> None:
     result = run_preflight(spec)
     error = result.report.dataset("train").access_error
     assert error is not None and "dataset 'train'" in error and str(tmp_path / "nope") in error
-
-
-@pytest.mark.s3
-def test_deep_check_reads_headers_with_ranged_requests(s3_server: S3Server, s3_bucket: str) -> None:
-    noise = encode_clip(49, 256, 256, noise=True)
-    s3_server.client().put_object(Bucket=s3_bucket, Key="big.mp4", Body=noise)
-
-    class CountingStore(S3Store):
-        fetched = 0
-
-        def get_range(self, key: str, start: int, end: int) -> bytes:
-            CountingStore.fetched += end - start
-            return super().get_range(key, start, end)
-
-    header = read_clip_header(CountingStore(s3_server.client(), s3_bucket, what="dataset 'x'"), "big.mp4")
-    assert (header.frames, header.width, header.height) == (49, 256, 256)
-    assert 0 < CountingStore.fetched < len(noise) / 2

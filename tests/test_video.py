@@ -9,17 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from longcat_job.buckets import Bucket, bucket_for, buckets, target_pixels
 from longcat_trainer.data.synthetic import ShapeClip, encode_mp4, encode_png, render
-from longcat_trainer.data.video import (
-    BadSampleError,
-    Bucket,
-    ClipTooShortError,
-    bucket_for,
-    buckets,
-    decode_clip,
-    prepare_sample,
-    target_pixels,
-)
+from longcat_trainer.data.video import BadSampleError, ClipTooShortError, decode_clip, prepare_sample
 
 CLIP = ShapeClip("a", "red", "blue", "right", square=True)
 

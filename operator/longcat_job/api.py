@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, model_v
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError, core_schema
 
-from .rules import CEL_KEY, FieldRule, Immutable, ObjectRule, multiple_of, regex_rule
+from .rules import CEL_KEY, FieldRule, Immutable, ObjectRule, at_most, multiple_of, regex_rule
 
 GROUP = "longcat.video"
 VERSION = "v1alpha1"
@@ -30,6 +30,7 @@ SHORT_NAME = "lcj"
 
 # The operator names the Job, Service and pods `<name>-...`; pod hostnames must stay within 63 characters.
 MAX_JOB_NAME = 40
+JOB_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # Keys the credentials Secret must hold (the names every S3 client reads from the environment).
 SECRET_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
 SECRET_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
@@ -74,29 +75,78 @@ SideRule = multiple_of(
     16, "must be a multiple of 16 (the VAE downsamples 8x and the DiT uses 2x2 patches): use e.g. 480 or 832"
 )
 AlignmentRule = multiple_of(16, "aspectBucketAlignment must be a positive multiple of 16: use 64 (the default) or 16")
+# Sides above this hold more pixels than LongCat's 720p output by a wide margin: a typo, not a plan.
+MAX_SIDE = 2048
+MAX_DURATION_S = 366 * 24 * 3600  # a year: longer is a typo, not a plan
 _RESOLUTION = r"^([0-9]{1,5})x([0-9]{1,5})$"
 ResolutionRule = FieldRule(
-    cel="self.matches('^[0-9]{1,5}x[0-9]{1,5}$') && self.split('x').all(s, int(s) % 16 == 0 && int(s) > 0)",
-    message="resolution must be HEIGHTxWIDTH with both sides positive multiples of 16, e.g. 480x832 or 832x480",
+    cel="self.matches('^[0-9]{1,5}x[0-9]{1,5}$') && "
+    f"self.split('x').all(s, int(s) % 16 == 0 && int(s) > 0 && int(s) <= {MAX_SIDE})",
+    message=f"resolution must be HEIGHTxWIDTH with both sides positive multiples of 16 up to {MAX_SIDE} (LongCat "
+    "renders 480x832 and 720x1280), e.g. 480x832 or 832x480",
     check=lambda text: (m := re.fullmatch(_RESOLUTION, text)) is not None
-    and all(int(side) > 0 and int(side) % 16 == 0 for side in m.groups()),
+    and all(0 < int(side) <= MAX_SIDE and int(side) % 16 == 0 for side in m.groups()),
 )
-BucketRule = regex_rule(
-    r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$",
-    "bucket must be an S3 bucket name: 3 to 63 lowercase letters, digits, dots or hyphens, starting and ending "
-    "with a letter or digit (no s3:// and no slashes: put the path in prefix)",
+SideLimitRule = at_most(MAX_SIDE, f"resolution must be at most {MAX_SIDE} pixels (LongCat renders 480p and 720p): "
+                        "use e.g. 480 or 720")
+FramesLimitRule = at_most(
+    1025, "frames must be at most 1025 (257 latent frames: at 480x832 over 100,000 tokens a sample, more than a "
+    "context-parallel gang of 8 GPUs holds): use 93, 61 or 33"
+)
+RankLimitRule = at_most(
+    1024, "rank must be at most 1024 (the DiT's layers are 4096 wide: an adapter of rank 1024 is no longer low "
+    "rank): SimpleTuner's LongCat default is 8"
+)
+StepsLimitRule = at_most(
+    10_000_000, "maxSteps must be at most 10,000,000 (at 10 s a step, three years of training)"
+)
+# S3's bucket naming rules, each with its own message (docs.aws.amazon.com/AmazonS3/latest/userguide/
+# bucketnamingrules.html): characters and length, no adjacent periods, not an IP address, reserved prefixes
+# and suffixes.
+BucketRules = (
+    regex_rule(
+        r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$",
+        "bucket must be an S3 bucket name: 3 to 63 lowercase letters, digits, dots or hyphens, starting and ending "
+        "with a letter or digit (no s3:// and no slashes: put the path in prefix)",
+    ),
+    FieldRule(cel="!self.contains('..')", message="bucket must not contain two periods in a row (S3 refuses it)",
+              check=lambda name: ".." not in name),
+    FieldRule(
+        cel="!self.matches('^[0-9]{1,3}[.][0-9]{1,3}[.][0-9]{1,3}[.][0-9]{1,3}$')",
+        message="bucket must not be formatted as an IP address such as 192.168.5.4 (S3 refuses it)",
+        check=lambda name: re.fullmatch(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}", name) is None,
+    ),
+    FieldRule(
+        cel="!self.startsWith('xn--') && !self.startsWith('sthree-') && !self.startsWith('amzn-s3-demo-')",
+        message="bucket must not start with xn--, sthree- or amzn-s3-demo- (prefixes S3 reserves)",
+        check=lambda name: not name.startswith(("xn--", "sthree-", "amzn-s3-demo-")),
+    ),
+    FieldRule(
+        cel="!self.endsWith('-s3alias') && !self.endsWith('--ol-s3') && !self.endsWith('.mrap') && "
+        "!self.endsWith('--x-s3') && !self.endsWith('--table-s3')",
+        message="bucket must not end with -s3alias, --ol-s3, .mrap, --x-s3 or --table-s3 (suffixes S3 reserves)",
+        check=lambda name: not name.endswith(("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")),
+    ),
 )
 PrefixRule = FieldRule(
-    cel="!self.startsWith('/') && !self.matches('(^|/)[.][.](/|$)')",
-    message="prefix must be a key prefix such as 'datasets/clips/': no leading '/' and no '..' segments",
-    check=lambda prefix: not prefix.startswith("/") and ".." not in prefix.split("/"),
+    cel="!self.startsWith('/') && !self.matches('(^|/)[.]{1,2}(/|$)') && !self.contains('//') && "
+    "!self.matches('[\\x00-\\x1f\\x7f]')",
+    message="prefix must be a key prefix such as 'datasets/clips/': no leading '/', no '.' or '..' segments, no "
+    "empty segments ('//') and no control characters",
+    check=lambda prefix: not prefix.startswith("/") and not {".", ".."} & set(prefix.split("/"))
+    and "//" not in prefix and re.search(r"[\x00-\x1f\x7f]", prefix) is None,
 )
 EndpointRule = regex_rule(
     r"^https?://[^/\s]+(/[^\s]*)?$", "endpoint must be an http(s) URL such as https://s3.us-east-1.amazonaws.com"
 )
+# Names of namespaced objects (DNS-1123 subdomains).
+OBJECT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
 SecretNameRule = regex_rule(
-    r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$",
-    "must name a Secret in the job's namespace (lowercase letters, digits, '-' and '.')",
+    OBJECT_NAME_PATTERN, "must name a Secret in the job's namespace (lowercase letters, digits, '-' and '.')"
+)
+ClaimNameRule = regex_rule(
+    OBJECT_NAME_PATTERN,
+    "must name a PersistentVolumeClaim in the job's namespace (lowercase letters, digits, '-' and '.')",
 )
 DatasetIdRule = regex_rule(
     r"^[a-z0-9]([-a-z0-9_.]{0,61}[a-z0-9])?$",
@@ -131,7 +181,7 @@ class S3Access(ApiModel):
 class S3Location(S3Access):
     """Objects under `s3://bucket/prefix`."""
 
-    bucket: Annotated[str, BucketRule, Field(max_length=63)]
+    bucket: Annotated[str, *BucketRules, Field(max_length=63)]
     prefix: Annotated[str, PrefixRule, Field(max_length=1024)] = Field("", description="Key prefix, e.g. 'clips/'.")
 
     def uri(self) -> str:
@@ -186,7 +236,7 @@ class ModelSpec(ApiModel):
 
 
 class LoraSpec(ApiModel):
-    rank: int = Field(8, ge=1, le=1024, description="SimpleTuner lora_rank.")
+    rank: Annotated[int, RankLimitRule] = Field(8, ge=1, description="SimpleTuner lora_rank.")
     alpha: float | None = Field(
         None, gt=0, le=4096, description="SimpleTuner lora_alpha; empty means equal to rank (scale 1)."
     )
@@ -208,7 +258,7 @@ class TrainingSpec(ApiModel):
         "constant_with_warmup", description="SimpleTuner lr_scheduler."
     )
     warmup_steps: int = Field(0, ge=0, le=1_000_000, description="SimpleTuner lr_warmup_steps.")
-    max_steps: int = Field(1000, ge=1, le=10_000_000, description="SimpleTuner max_train_steps.")
+    max_steps: Annotated[int, StepsLimitRule] = Field(1000, ge=1, description="SimpleTuner max_train_steps.")
     gradient_accumulation: int = Field(1, ge=1, le=1024, description="SimpleTuner gradient_accumulation_steps.")
     max_grad_norm: float = Field(1.0, gt=0, le=1000, description="SimpleTuner max_grad_norm.")
     weight_decay: float = Field(0.01, ge=0, le=1, description="AdamW weight decay.")
@@ -245,10 +295,10 @@ class DatasetSpec(ApiModel):
     caption_strategy: Literal["textfile"] | None = Field(
         None, description="SimpleTuner caption_strategy: `textfile` reads <stem>.txt beside each clip; empty: none."
     )
-    resolution: Annotated[int, SideRule] = Field(
-        480, ge=16, le=4096, description="SimpleTuner resolution: target short side in pixels."
+    resolution: Annotated[int, SideRule, SideLimitRule] = Field(
+        480, ge=16, description="SimpleTuner resolution: target short side in pixels."
     )
-    frames: Annotated[int, FramesRule] = Field(93, ge=5, le=1025, description="SimpleTuner video.num_frames.")
+    frames: Annotated[int, FramesRule, FramesLimitRule] = Field(93, ge=5, description="SimpleTuner video.num_frames.")
     conditioning_data: list[Annotated[str, Field(max_length=63)]] = Field(
         default_factory=list, max_length=8, description="SimpleTuner conditioning_data: ids of start-frame datasets."
     )
@@ -282,8 +332,8 @@ class ValidationSpec(ApiModel):
     resolution: Annotated[str, ResolutionRule, Field(max_length=11)] = Field(
         "480x832", description="SimpleTuner validation_resolution, HEIGHTxWIDTH (LongCat's 480x832 is landscape)."
     )
-    frames: Annotated[int, FramesRule] = Field(
-        93, ge=5, le=1025, description="SimpleTuner validation_num_video_frames."
+    frames: Annotated[int, FramesRule, FramesLimitRule] = Field(
+        93, ge=5, description="SimpleTuner validation_num_video_frames."
     )
     num_inference_steps: int = Field(40, ge=1, le=1000, description="SimpleTuner validation_num_inference_steps.")
     guidance: float = Field(
@@ -314,6 +364,18 @@ class Toleration(ApiModel):
     toleration_seconds: int | None = Field(None, ge=0)
 
 
+# The variable that tells the trainer where resolved model sources are kept (the pods' model cache mount).
+MODEL_CACHE_ENV = "LONGCAT_MODEL_CACHE"
+
+
+class ModelCacheSpec(ApiModel):
+    claim_name: Annotated[str, ClaimNameRule, Field(max_length=253)] = Field(
+        description="PersistentVolumeClaim in the job's namespace (ReadWriteMany for several nodes) that keeps "
+        "resolved model sources (s3://, hf://) across gang restarts and jobs; the pods mount it at "
+        "/cache/models."
+    )
+
+
 class ResourcesSpec(ApiModel):
     nodes: int = Field(1, ge=1, le=512, description="Pods in the gang, one per node.")
     gpus_per_node: int = Field(1, ge=1, le=16, description="GPUs (and torchrun processes) per pod.")
@@ -328,6 +390,10 @@ class ResourcesSpec(ApiModel):
     )
     shm_size: str = Field(
         "32Gi", pattern=r"^[0-9]+(Ki|Mi|Gi|Ti)$", max_length=16, description="Size of the memory-backed /dev/shm."
+    )
+    model_cache: ModelCacheSpec | None = Field(
+        None, description="Where the model is kept between attempts; empty: each attempt downloads it into the "
+        "pod's scratch space (about 40 GB per node for LongCat-Video)."
     )
 
 
@@ -382,6 +448,18 @@ class JobSpec(ApiModel):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     max_restarts: int = Field(3, ge=0, le=100, description="Gang restarts before the job is marked Failed.")
     suspend: bool = Field(False, description="Suspends the gang (pods are deleted, checkpoints stay).")
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, le=MAX_DURATION_S,
+        description="After Succeeded or Failed, the gang's Jobs, Service and ConfigMap are deleted after this many "
+        "seconds; the job itself and its artifacts in S3 stay (as a Job's ttlSecondsAfterFinished, but keeping the "
+        "record). Empty: kept until the job is deleted.",
+    )
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, le=MAX_DURATION_S,
+        description="Longest time the gang may run: then its pods get SIGTERM (the trainer saves a checkpoint) and "
+        "the job fails with reason DeadlineExceeded. Counted from the launch; a resume starts the clock again, as "
+        "a Job's activeDeadlineSeconds does.",
+    )
 
     object_rules = (
         ObjectRule(
@@ -468,6 +546,7 @@ class Progress(ApiModel):
     learning_rate: float | None = None
     samples_per_second: float | None = None
     eta_seconds: float | None = None
+    eta_display: str | None = Field(None, description="eta_seconds as 1h02m, for `kubectl get`.")
 
 
 class Artifacts(ApiModel):
@@ -500,17 +579,32 @@ class JobStatus(ApiModel):
 
 
 class ObjectMeta(BaseModel):
-    """The part of metadata the job API reads; everything else is kept as is."""
+    """metadata: the name the job API checks, and the other fields of Kubernetes' ObjectMeta as they are (an
+    unknown field is refused, as the API server refuses it)."""
 
-    model_config = ConfigDict(extra="allow")
-    name: str | None = Field(None, min_length=1, max_length=MAX_JOB_NAME, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    # kubectl apply needs a name; the operator names the Job, Service and pods after it.
+    name: str = Field(min_length=1, max_length=MAX_JOB_NAME, pattern=JOB_NAME_PATTERN)
     namespace: str | None = None
+    generate_name: str | None = None
+    uid: str | None = None
+    resource_version: str | None = None
+    generation: int | None = None
+    creation_timestamp: str | None = None
+    deletion_timestamp: str | None = None
+    deletion_grace_period_seconds: int | None = None
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+    owner_references: list[dict[str, Any]] | None = None
+    finalizers: list[str] | None = None
+    managed_fields: list[dict[str, Any]] | None = None
+    self_link: str | None = None
 
 
 class LongCatI2VJob(ApiModel):
     api_version: Literal["longcat.video/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
     kind: Literal["LongCatI2VJob"] = KIND
-    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    metadata: ObjectMeta
     spec: JobSpec
     status: JobStatus | None = None
 

@@ -29,10 +29,24 @@ class ProblemKind(StrEnum):
     CAPTION_WITHOUT_CLIP = "CaptionWithoutClip"
     DUPLICATE_STEM = "DuplicateStem"
     UNKNOWN_TYPE = "UnknownType"
-    # Found only by the deep check, which reads clip headers and captions.
+    # Found only by the deep check (sample_check.py), which reads each sample's files just far enough.
     CLIP_TOO_SHORT = "ClipTooShort"
     CLIP_TOO_SMALL = "ClipTooSmall"
     CLIP_UNREADABLE = "ClipUnreadable"
+    START_FRAME_UNREADABLE = "StartFrameUnreadable"
+    START_FRAME_SIZE_MISMATCH = "StartFrameSizeMismatch"
+    CAPTION_NOT_UTF8 = "CaptionNotUtf8"
+    CAPTION_TOO_LONG = "CaptionTooLong"
+
+
+# Kinds that make one sample unusable. The job tolerates them up to spec.training.maxBadSampleFraction, leaving
+# those samples out of the manifest; the other errors (EmptyPrefix, DuplicateStem) stop it.
+SAMPLE_KINDS = frozenset({
+    ProblemKind.CLIP_WITHOUT_START_FRAME, ProblemKind.CLIP_WITHOUT_CAPTION, ProblemKind.EMPTY_CAPTION,
+    ProblemKind.CLIP_TOO_SHORT, ProblemKind.CLIP_TOO_SMALL, ProblemKind.CLIP_UNREADABLE,
+    ProblemKind.START_FRAME_UNREADABLE, ProblemKind.START_FRAME_SIZE_MISMATCH, ProblemKind.CAPTION_NOT_UTF8,
+    ProblemKind.CAPTION_TOO_LONG,
+})
 
 
 # Warnings are reported but do not stop a job: nothing is trained on the object concerned.
@@ -52,7 +66,13 @@ HINTS: dict[ProblemKind, str] = {
     ProblemKind.CLIP_TOO_SHORT: "the clip has fewer frames than the dataset's `frames`: lower `frames` or drop it",
     ProblemKind.CLIP_TOO_SMALL: "the clip's shorter side is below the dataset's `resolution`: drop it or lower "
     "`resolution`",
-    ProblemKind.CLIP_UNREADABLE: "PyAV cannot read this clip's header: re-encode it (e.g. H.264 in MP4)",
+    ProblemKind.CLIP_UNREADABLE: "PyAV cannot open or decode this clip: re-encode it (e.g. H.264 in MP4)",
+    ProblemKind.START_FRAME_UNREADABLE: "not a readable image: save the start frame as PNG or JPEG",
+    ProblemKind.START_FRAME_SIZE_MISMATCH: "the start frame must have its clip's pixel size: export it from the "
+    "clip's first frame",
+    ProblemKind.CAPTION_NOT_UTF8: "the caption is not UTF-8 text: save the .txt file as UTF-8",
+    ProblemKind.CAPTION_TOO_LONG: "the text encoder reads at most 512 tokens (about 2,000 characters); shorten "
+    "the caption",
 }
 
 

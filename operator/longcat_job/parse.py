@@ -1,6 +1,9 @@
 """Turns a job document into a `LongCatI2VJob`, or into a list of errors that each name their field path.
 
-Used by `longcat-i2v validate`, the webhook and the operator, so every place words a refusal the same way.
+Used by `longcat-i2v validate`, the webhook and the operator, so every place words a refusal the same way, and
+judges a document as the API server does (tests/test_rules_agree.py checks it against the real one):
+fields by their camelCase names only (`learning_rate` is an unknown field there too), and a null value the same
+as an absent field (the API server prunes nulls before it applies defaults).
 """
 
 from __future__ import annotations
@@ -8,10 +11,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .api import LongCatI2VJob
 from .failures import InvalidConfigError
@@ -21,8 +24,6 @@ _HINTS = {
     "missing": "is required",
     "extra_forbidden": "is not a field of LongCatI2VJob: check its spelling (fields are camelCase, e.g. learningRate)",
 }
-
-
 
 
 class JobLoader(yaml.SafeLoader):
@@ -65,15 +66,81 @@ def _join(base: str, relative: str) -> str:
     return f"{base}{relative}" if relative.startswith("[") else f"{base}.{relative}"
 
 
+def _field_names(model: type[BaseModel], loc: tuple[str | int, ...]) -> dict[str, str]:
+    """Python name -> YAML name of the fields of the model found at `loc` below `model` ({} when none)."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) or next(
+            (f for f in model.model_fields.values() if f.alias == part), None)
+        if field is None:
+            return {}
+        nested = [t for t in _types(field.annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not nested:
+            return {}
+        model = nested[0]
+    return {name: field.alias or name for name, field in model.model_fields.items()}
+
+
+def _types(annotation: Any) -> list[Any]:
+    """The types inside Optional[...], list[...], Annotated[...]."""
+    found, todo = [], [annotation]
+    while todo:
+        current = todo.pop()
+        args = get_args(current)
+        if args:
+            todo += list(args)
+        else:
+            found.append(current)
+    return found
+
+
+def _unknown_field_message(loc: tuple[str | int, ...]) -> str:
+    key = loc[-1]
+    names = _field_names(LongCatI2VJob, loc[:-1])
+    if isinstance(key, str) and key in names and names[key] != key:
+        return f"is not a field: fields are camelCase, write {names[key]}"
+    return _HINTS["extra_forbidden"]
+
+
 def errors_of(exc: ValidationError) -> list[FieldError]:
     errors = []
     for error in exc.errors(include_url=False):
         path = field_path(error["loc"])
         if error["type"] == "longcat_object_rule":
             errors.extend(FieldError(_join(path, rel), message) for rel, message in error["ctx"]["problems"])
+        elif error["type"] == "extra_forbidden":
+            errors.append(FieldError(path, _unknown_field_message(error["loc"])))
         else:
             errors.append(FieldError(path, _HINTS.get(error["type"], error["msg"])))
     return errors
+
+
+def as_the_api_server_reads(value: Any, model: type[BaseModel] | None = LongCatI2VJob) -> Any:
+    """The document as the API server validates it: a declared field whose value is null is removed, as if absent
+    (an undeclared one stays, to be refused as unknown whatever its value; so do null list entries), and a
+    whole-number float in an integer field is that integer (JSON has one number type: 1.0 is a valid integer)."""
+    if isinstance(value, list):
+        return [as_the_api_server_reads(v, model) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if model is None:  # a free-form map (nodeSelector): its null values are pruned too
+        return {k: v for k, v in value.items() if v is not None}
+    fields = {field.alias or name: field for name, field in model.model_fields.items()}
+    out = {}
+    for key, item in value.items():
+        field = fields.get(key)
+        if field is None:
+            out[key] = item
+            continue
+        if item is None:
+            continue
+        types = _types(field.annotation)
+        if isinstance(item, float) and item.is_integer() and int in types and float not in types:
+            item = int(item)
+        nested = [t for t in types if isinstance(t, type) and issubclass(t, BaseModel)]
+        out[key] = as_the_api_server_reads(item, nested[0] if nested else None)
+    return out
 
 
 def parse_job(document: Any) -> LongCatI2VJob:
@@ -81,7 +148,7 @@ def parse_job(document: Any) -> LongCatI2VJob:
     if not isinstance(document, dict):
         raise InvalidJob([FieldError("(document)", "a job file must be a YAML mapping with apiVersion, kind and spec")])
     try:
-        return LongCatI2VJob.model_validate(document)
+        return LongCatI2VJob.model_validate(as_the_api_server_reads(document), by_alias=True, by_name=False)
     except ValidationError as exc:
         raise InvalidJob(errors_of(exc)) from None
 

@@ -1,19 +1,25 @@
 """Preflight: everything about a job's data that can be checked before any GPU is asked for.
 
 Lists every dataset the job uses (S3 prefixes or local directories), pairs clips with start frames and
-captions (`pairing.py`), and reports exact counts with the first problems of each kind by key. The optional
-deep check reads clip headers with PyAV through ranged reads (no whole downloads) and every caption.
-Torch-free; PyAV is imported only by the deep check.
+captions (`pairing.py`), and, by default, reads each sample's files just far enough to know they can be trained
+on (`sample_check.py`: clip header and first frame, start frame header, caption). It reports exact counts with
+the first problems of each kind, each naming its file.
+
+Three severities: an `error` stops the job (a dataset that cannot be read, two clips of one stem); a `sample`
+problem makes one sample unusable (no start frame or caption, an unreadable or short clip, ...): the job runs
+without those samples while they are at most `spec.training.maxBadSampleFraction` of all, and is refused above;
+a `warning` names an object that is ignored. Torch-free; PyAV and Pillow are imported by the deep check only.
 """
 
 from __future__ import annotations
 
 import logging
+import posixpath
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel
@@ -24,9 +30,10 @@ from .pairing import (
     HINTS,
     IMAGE_EXTENSIONS,
     MAX_EXAMPLES,
+    SAMPLE_KINDS,
+    WARNINGS,
     Classified,
     Listing,
-    Paired,
     ProblemKind,
     ProblemList,
     Sample,
@@ -35,26 +42,28 @@ from .pairing import (
     report_orphan_start_frames,
 )
 from .s3 import S3AccessError
-from .storage import (
-    CredentialsLookup,
-    ObjectRecord,
-    ObjectStore,
-    env_credentials,
-    store_for,
-)
+from .sample_check import Finding, check_sample
+from .storage import CredentialsLookup, ObjectRecord, ObjectStore, env_credentials, store_for
 
 log = logging.getLogger(__name__)
 
 LIST_WORKERS = 8
-DEEP_WORKERS = 8
+# The deep check waits on the network: more requests in flight than cores.
+DEEP_WORKERS = 16
 PROGRESS_EVERY_S = 5.0
 
 Role = Literal["train", "validation", "conditioning"]
+Severity = Literal["error", "sample", "warning"]
+SEVERITY_ORDER: dict[str, int] = {"error": 0, "sample": 1, "warning": 2}
+
+
+def severity_of(kind: ProblemKind) -> Severity:
+    return "warning" if kind in WARNINGS else "sample" if kind in SAMPLE_KINDS else "error"
 
 
 class ProblemReport(BaseModel):
     kind: ProblemKind
-    severity: Literal["error", "warning"]
+    severity: Severity
     related_dataset: str | None = None
     count: int
     examples: list[str]
@@ -68,39 +77,47 @@ class DatasetReport(BaseModel):
     objects: int = 0
     media: int = 0  # clips of a video dataset, start frames of a conditioning dataset
     captions: int = 0
-    samples: int = 0  # complete samples (video datasets)
+    samples: int = 0  # usable samples (video datasets)
     access_error: str | None = None
     problems: list[ProblemReport] = []
 
     @property
-    def errors(self) -> int:
+    def blocking(self) -> int:
+        """Problems that stop the job whatever the other samples are."""
         return (self.access_error is not None) + sum(p.count for p in self.problems if p.severity == "error")
 
+    @property
+    def errors(self) -> int:
+        """Every problem to fix: the blocking ones and the unusable samples (what status shows as `problems`)."""
+        return self.blocking + sum(p.count for p in self.problems if p.severity == "sample")
+
     def first_problems(self, limit: int = MAX_EXAMPLES) -> list[str]:
-        """'Kind: key' lines, errors before warnings, for the job's status."""
+        """'Kind: key' lines, errors first, then unusable samples, then warnings, for the job's status."""
         lines = [self.access_error] if self.access_error else []
-        for problem in sorted(self.problems, key=lambda p: p.severity != "error"):
+        for problem in sorted(self.problems, key=lambda p: SEVERITY_ORDER[p.severity]):
             lines += [f"{problem.kind.value}: {key}" for key in problem.examples]
         return lines[:limit]
 
     def to_status(self) -> DatasetStatus:
-        return DatasetStatus(
-            id=self.id,
-            objects=self.objects,
-            samples=self.samples,
-            problems=self.errors,
-            first_problems=self.first_problems(),
-        )
+        return DatasetStatus(id=self.id, objects=self.objects, samples=self.samples, problems=self.errors,
+                             first_problems=self.first_problems())
 
 
 class PreflightReport(BaseModel):
     datasets: list[DatasetReport]
     deep: bool
     seconds: float
+    clips: int = 0  # clips of the video datasets, paired or not
+    unusable: int = 0  # of them, the ones left out
+    max_bad_fraction: float = 0.0
+
+    @property
+    def too_many_unusable(self) -> bool:
+        return self.clips > 0 and self.unusable > self.max_bad_fraction * self.clips
 
     @property
     def ok(self) -> bool:
-        return all(d.errors == 0 for d in self.datasets)
+        return all(d.blocking == 0 for d in self.datasets) and not self.too_many_unusable
 
     def dataset(self, dataset_id: str) -> DatasetReport:
         return next(d for d in self.datasets if d.id == dataset_id)
@@ -112,7 +129,7 @@ class PreflightReport(BaseModel):
             noun = "start frames" if d.role == "conditioning" else "clips"
             head = f"{d.id} ({d.role}, {d.location}): {d.objects} objects, {d.media} {noun}"
             if d.role != "conditioning":
-                head += f", {d.captions} captions, {d.samples} complete samples"
+                head += f", {d.captions} captions, {d.samples} usable samples"
             out.append(head)
             if d.access_error:
                 out.append(f"  error: {d.access_error}")
@@ -122,14 +139,30 @@ class PreflightReport(BaseModel):
                 out += [f"    {key}" for key in p.examples]
                 if p.count > len(p.examples):
                     out.append(f"    ... and {p.count - len(p.examples)} more")
+        if self.unusable:
+            verdict = ("more than spec.training.maxBadSampleFraction: fix or remove them" if self.too_many_unusable
+                       else "within spec.training.maxBadSampleFraction: the job trains without them")
+            out.append(f"{self.unusable} of {self.clips} samples are unusable "
+                       f"({100 * self.unusable / self.clips:.1f} %, maxBadSampleFraction {self.max_bad_fraction}), "
+                       f"{verdict}")
         return out
+
+
+@dataclass(frozen=True)
+class Excluded:
+    """A clip left out of the manifest, and the first reason why."""
+
+    dataset_id: str
+    key: str
+    reason: str
 
 
 @dataclass
 class PreflightResult:
     report: PreflightReport
-    samples: dict[str, list[Sample]]  # video dataset id -> complete samples
+    samples: dict[str, list[Sample]]  # video dataset id -> usable samples
     stores: dict[str, ObjectStore]  # dataset id -> where its objects are
+    excluded: list[Excluded] = field(default_factory=list)
 
 
 class _Progress:
@@ -167,162 +200,148 @@ def datasets_in_use(spec: JobSpec) -> list[tuple[DatasetSpec, Role]]:
     return used
 
 
-def _list(store: ObjectStore, progress: _Progress) -> list[ObjectRecord]:
-    records = []
-    for record in store.list():
-        records.append(record)
-        progress.add()
-    return records
-
-
 def _problem_reports(problems: Iterable[ProblemList]) -> list[ProblemReport]:
-    return [
-        ProblemReport(
-            kind=p.kind,
-            severity="error" if p.is_error else "warning",
-            related_dataset=p.related,
-            count=p.count,
-            examples=p.examples,
-            hint=HINTS[p.kind],
-        )
-        for p in problems
-    ]
+    return [ProblemReport(kind=p.kind, severity=severity_of(p.kind), related_dataset=p.related, count=p.count,
+                          examples=p.examples, hint=HINTS[p.kind]) for p in problems]
+
+
+def _stores(spec: JobSpec, used: list[tuple[DatasetSpec, Role]], credentials: CredentialsLookup
+            ) -> dict[str, ObjectStore]:
+    index = {d.id: i for i, d in enumerate(spec.datasets)}
+    def what(d: DatasetSpec) -> str:
+        return f"dataset '{d.id}' (spec.datasets[{index[d.id]}].source.{'s3' if d.source.s3 else 'local'})"
+
+    return {d.id: store_for(d.source, credentials=credentials, what=what(d)) for d, _ in used}
+
+
+def _list_all(stores: dict[str, ObjectStore], reports: dict[str, DatasetReport], workers: int
+              ) -> dict[str, list[ObjectRecord]]:
+    """Every dataset's objects, listed concurrently; a dataset that cannot be listed gets its access error."""
+    progress = _Progress("preflight: objects listed")
+
+    def listing(store: ObjectStore) -> list[ObjectRecord]:
+        records = []
+        for record in store.list():
+            records.append(record)
+            progress.add()
+        return records
+
+    listings: dict[str, list[ObjectRecord]] = {}
+    with ThreadPoolExecutor(max(1, min(workers, len(stores)))) as pool:
+        futures = {dataset_id: pool.submit(listing, store) for dataset_id, store in stores.items()}
+        for dataset_id, future in futures.items():
+            try:
+                listings[dataset_id] = future.result()
+            except (S3AccessError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+                reports[dataset_id].access_error = str(exc)
+    return listings
+
+
+def _pair_all(specs: dict[str, DatasetSpec], roles: dict[str, Role], classified: dict[str, Classified]
+              ) -> dict[str, list[Sample]]:
+    """The complete samples of every video dataset; orphan start frames reported on their datasets."""
+    samples = {}
+    for dataset_id, c in classified.items():
+        if roles[dataset_id] != "conditioning":
+            start_frames = [classified[cid] for cid in specs[dataset_id].conditioning_data if cid in classified]
+            textfile = specs[dataset_id].caption_strategy == "textfile"
+            samples[dataset_id] = pair(c, start_frames, captions=textfile).samples
+    for dataset_id, c in classified.items():
+        if roles[dataset_id] == "conditioning":
+            report_orphan_start_frames(c, [classified[v] for v in samples if dataset_id in specs[v].conditioning_data])
+    return samples
+
+
+def deep_check(specs: dict[str, DatasetSpec], stores: dict[str, ObjectStore], samples: dict[str, list[Sample]],
+               classified: dict[str, Classified], workers: int = DEEP_WORKERS
+               ) -> tuple[dict[str, list[Sample]], dict[str, str]]:
+    """The samples whose files pass `check_sample`, and the first finding of each that does not (by
+    '<dataset>/<clip key>'); every finding goes to its dataset's problems."""
+    work = [(dataset_id, sample) for dataset_id, found in samples.items() for sample in found]
+    progress = _Progress("preflight: samples checked", total=len(work))
+    readers = {dataset_id: store.for_small_reads() for dataset_id, store in stores.items()}
+
+    def check(item: tuple[str, Sample]) -> list[Finding]:
+        findings = check_sample(specs[item[0]], readers, item[1])
+        progress.add()
+        return findings
+
+    kept: dict[str, list[Sample]] = {dataset_id: [] for dataset_id in samples}
+    reasons: dict[str, str] = {}
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for (dataset_id, sample), findings in zip(work, pool.map(check, work)):
+            for finding in findings:
+                classified[dataset_id].problems.add(finding.kind, finding.example)
+            if findings:
+                reasons[f"{dataset_id}/{sample.clip.key}"] = f"{findings[0].kind.value}: {findings[0].example}"
+            else:
+                kept[dataset_id].append(sample)
+    return kept, reasons
+
+
+def _pairing_reason(spec: DatasetSpec, clip: ObjectRecord, classified: dict[str, Classified]) -> str:
+    """Why a clip made no sample: its first missing piece."""
+    stem = posixpath.splitext(clip.key)[0]
+    for cid in spec.conditioning_data:
+        if cid in classified and stem not in classified[cid].media:
+            return f"{ProblemKind.CLIP_WITHOUT_START_FRAME.value}: {clip.key} (none in '{cid}')"
+    caption = classified[spec.id].captions.get(stem)
+    if caption is None:
+        return f"{ProblemKind.CLIP_WITHOUT_CAPTION.value}: {clip.key}"
+    return f"{ProblemKind.EMPTY_CAPTION.value}: {caption.key}"
+
+
+def _excluded(specs: dict[str, DatasetSpec], classified: dict[str, Classified], paired: dict[str, list[Sample]],
+              kept: dict[str, list[Sample]], reasons: dict[str, str]) -> list[Excluded]:
+    """Every clip of a video dataset that is not a usable sample, with the first reason."""
+    excluded = []
+    for dataset_id, samples in kept.items():
+        complete = {s.clip.key for s in paired[dataset_id]}
+        usable = {s.clip.key for s in samples}
+        for clip in sorted(classified[dataset_id].media.values(), key=lambda r: r.key):
+            if clip.key in usable:
+                continue
+            reason = (reasons[f"{dataset_id}/{clip.key}"] if clip.key in complete
+                      else _pairing_reason(specs[dataset_id], clip, classified))
+            excluded.append(Excluded(dataset_id, clip.key, reason))
+    return excluded
 
 
 def run_preflight(
     spec: JobSpec,
     *,
     credentials: CredentialsLookup = env_credentials,
-    deep: bool = False,
+    deep: bool = True,
     workers: int = LIST_WORKERS,
 ) -> PreflightResult:
     started = time.monotonic()
     used = datasets_in_use(spec)
-    index = {d.id: i for i, d in enumerate(spec.datasets)}
     roles = {d.id: role for d, role in used}
     specs = {d.id: d for d, _ in used}
-    stores: dict[str, ObjectStore] = {}
-    for d, _ in used:
-        place = "s3" if d.source.s3 else "local"
-        stores[d.id] = store_for(
-            d.source, what=f"dataset '{d.id}' (spec.datasets[{index[d.id]}].source.{place})", credentials=credentials
-        )
+    stores = _stores(spec, used, credentials)
     reports = {d.id: DatasetReport(id=d.id, role=role, location=stores[d.id].url) for d, role in used}
-
-    progress = _Progress("preflight: objects listed")
-    listings: dict[str, list[ObjectRecord]] = {}
-    with ThreadPoolExecutor(max(1, min(workers, len(used)))) as pool:
-        futures = {d.id: pool.submit(_list, stores[d.id], progress) for d, _ in used}
-        for dataset_id, future in futures.items():
-            try:
-                listings[dataset_id] = future.result()
-            except (S3AccessError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
-                reports[dataset_id].access_error = str(exc)
-
-    classified: dict[str, Classified] = {}
-    for dataset_id, records in listings.items():
-        is_video = roles[dataset_id] != "conditioning"
-        classified[dataset_id] = classify(
+    classified = {
+        dataset_id: classify(
             Listing(dataset_id, stores[dataset_id].url, records),
-            media_extensions=CLIP_EXTENSIONS if is_video else IMAGE_EXTENSIONS,
-            captions=is_video and specs[dataset_id].caption_strategy == "textfile",
+            media_extensions=CLIP_EXTENSIONS if roles[dataset_id] != "conditioning" else IMAGE_EXTENSIONS,
+            captions=roles[dataset_id] != "conditioning" and specs[dataset_id].caption_strategy == "textfile",
         )
-
-    paired: dict[str, Paired] = {}
-    for dataset_id, c in classified.items():
-        if roles[dataset_id] == "conditioning":
-            continue
-        start_frames = [classified[cid] for cid in specs[dataset_id].conditioning_data if cid in classified]
-        paired[dataset_id] = pair(c, start_frames, captions=specs[dataset_id].caption_strategy == "textfile")
-    for dataset_id, c in classified.items():
-        if roles[dataset_id] == "conditioning":
-            users = [classified[v] for v in paired if dataset_id in specs[v].conditioning_data]
-            report_orphan_start_frames(c, users)
-
-    samples = {dataset_id: p.samples for dataset_id, p in paired.items()}
-    if deep:
-        for dataset_id in paired:
-            samples[dataset_id] = deep_check(
-                specs[dataset_id], stores[dataset_id], samples[dataset_id], classified[dataset_id], workers
-            )
-
+        for dataset_id, records in _list_all(stores, reports, workers).items()
+    }
+    paired = _pair_all(specs, roles, classified)
+    samples, reasons = deep_check(specs, stores, paired, classified) if deep else (paired, {})
     for dataset_id, c in classified.items():
         report = reports[dataset_id]
-        report.objects = c.objects
-        report.media = len(c.media)
-        report.captions = len(c.captions)
+        report.objects, report.media, report.captions = c.objects, len(c.media), len(c.captions)
         report.samples = len(samples.get(dataset_id, ()))
         report.problems = _problem_reports(c.problems.all())
-
+    clips = sum(len(classified[dataset_id].media) for dataset_id in samples)
     report = PreflightReport(
-        datasets=[reports[d.id] for d, _ in used], deep=deep, seconds=round(time.monotonic() - started, 3)
+        datasets=[reports[d.id] for d, _ in used], deep=deep, seconds=round(time.monotonic() - started, 3),
+        clips=clips, unusable=clips - sum(len(kept) for kept in samples.values()),
+        max_bad_fraction=spec.training.max_bad_sample_fraction,
     )
-    log.info("preflight: %d objects in %d datasets, %.1fs, %s", progress.done, len(used), report.seconds,
-             "ok" if report.ok else "problems found")
-    return PreflightResult(report=report, samples=samples, stores=stores)
-
-
-# --- deep check ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ClipHeader:
-    frames: int
-    width: int
-    height: int
-
-
-def read_clip_header(store: ObjectStore, key: str) -> ClipHeader:
-    """Frame count and size from the container header; reads only what the demuxer asks for."""
-    import av  # optional for the operator: only the deep check needs it
-
-    with store.open_ranged(key) as raw, av.open(raw, mode="r") as container:
-        stream = container.streams.video[0]
-        frames = stream.frames
-        if not frames and stream.duration is not None and stream.average_rate:
-            # Containers without a frame count in the header (webm, mkv): estimate from duration and rate.
-            frames = int(round(float(stream.duration * stream.time_base * stream.average_rate)))
-        return ClipHeader(frames=int(frames or 0), width=stream.codec_context.width, height=stream.codec_context.height)
-
-
-def _check_sample(spec: DatasetSpec, store: ObjectStore, sample: Sample) -> list[tuple[ProblemKind, str]]:
-    import av
-
-    found: list[tuple[ProblemKind, str]] = []
-    try:
-        header = read_clip_header(store, sample.clip.key)
-    except (av.FFmpegError, IndexError, ValueError) as exc:
-        log.debug("unreadable clip %s: %s", sample.clip.key, exc)
-        found.append((ProblemKind.CLIP_UNREADABLE, sample.clip.key))
-    else:
-        if header.frames < spec.frames:
-            found.append((ProblemKind.CLIP_TOO_SHORT, f"{sample.clip.key} ({header.frames} < {spec.frames} frames)"))
-        if min(header.width, header.height) < spec.resolution:
-            found.append(
-                (ProblemKind.CLIP_TOO_SMALL, f"{sample.clip.key} ({header.width}x{header.height} < {spec.resolution})")
-            )
-    if sample.caption is not None and not store.get_bytes(sample.caption.key).decode(errors="replace").strip():
-        found.append((ProblemKind.EMPTY_CAPTION, sample.caption.key))
-    return found
-
-
-def deep_check(
-    spec: DatasetSpec, store: ObjectStore, samples: Sequence[Sample], classified: Classified, workers: int
-) -> list[Sample]:
-    """The samples that pass; problems go to `classified.problems`."""
-    progress = _Progress(f"preflight deep check of '{spec.id}'", total=len(samples))
-    kept = []
-
-    def check(sample: Sample) -> list[tuple[ProblemKind, str]]:
-        result = _check_sample(spec, store, sample)
-        progress.add()
-        return result
-
-    with ThreadPoolExecutor(max(1, min(workers, DEEP_WORKERS))) as pool:
-        for sample, found in zip(samples, pool.map(check, samples)):
-            for kind, key in found:
-                classified.problems.add(kind, key)
-            if not found:
-                kept.append(sample)
-    return kept
-
+    log.info("preflight: %d datasets, %d clips, %d unusable, %.1fs, %s", len(used), clips, report.unusable,
+             report.seconds, "ok" if report.ok else "problems found")
+    return PreflightResult(report=report, samples=samples, stores=stores,
+                           excluded=_excluded(specs, classified, paired, samples, reasons))

@@ -80,3 +80,8 @@ def regex_rule(pattern: str, message: str) -> FieldRule:
 
 def multiple_of(n: int, message: str) -> FieldRule:
     return FieldRule(cel=f"self % {n} == 0", message=message, check=lambda value: value % n == 0)
+
+
+def at_most(limit: int, message: str) -> FieldRule:
+    """An upper bound whose message says why (a bare maximum only says that it was exceeded)."""
+    return FieldRule(cel=f"self <= {limit}", message=message, check=lambda value: value <= limit)

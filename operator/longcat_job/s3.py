@@ -21,6 +21,8 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 from pydantic import BaseModel, ConfigDict, SecretStr
 
+from .failures import FailureReason, StorageError
+
 DEFAULT_REGION = "us-east-1"
 # Enough connections for the preflight's concurrent listings and the reader's parallel downloads.
 MAX_POOL_CONNECTIONS = 32
@@ -95,7 +97,8 @@ class S3Credentials(BaseModel):
             raise S3AccessError(
                 f"Secret '{secret_name}' lacks {', '.join(missing)}: create it with "
                 f"`kubectl create secret generic {secret_name} --from-literal={ACCESS_KEY_ID}=... "
-                f"--from-literal={SECRET_ACCESS_KEY}=...`"
+                f"--from-literal={SECRET_ACCESS_KEY}=...`",
+                FailureReason.INVALID_CONFIG,
             )
 
         def decode(key: str) -> str:
@@ -103,7 +106,8 @@ class S3Credentials(BaseModel):
                 return base64.b64decode(data[key], validate=True).decode()
             except (binascii.Error, UnicodeDecodeError):
                 # The value itself is never quoted: it is a secret.
-                raise S3AccessError(f"Secret '{secret_name}': {key} is not valid base64 text") from None
+                raise S3AccessError(f"Secret '{secret_name}': {key} is not valid base64 text",
+                                    FailureReason.INVALID_CONFIG) from None
 
         token = decode(SESSION_TOKEN) if data.get(SESSION_TOKEN) else None
         return cls(
@@ -120,8 +124,9 @@ class S3Credentials(BaseModel):
         return env
 
 
-class S3AccessError(Exception):
-    """An S3 location cannot be used; the message says which one and what to do, and holds no secret."""
+class S3AccessError(StorageError):
+    """An S3 location cannot be used; the message says which one and what to do, and holds no secret.
+    `reason` is permanent for a missing bucket and refused credentials, ERROR (worth a retry) otherwise."""
 
 
 def use_budget(budget: RetryBudget) -> None:
@@ -193,6 +198,7 @@ class ThreadClient:
 
     def __init__(self, endpoint: str | None, region: str | None, credentials: S3Credentials | None) -> None:
         self._key = (endpoint, region, credentials)
+        self.endpoint, self.region, self.credentials = endpoint, region, credentials
 
     def __getattr__(self, name: str) -> Any:
         return getattr(shared_client(*self._key), name)
@@ -231,14 +237,17 @@ def access_error(exc: Exception, *, what: str, bucket: str, endpoint: str, secre
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in _NO_BUCKET or code == "404":
-            return S3AccessError(f"{where} does not exist: create it or fix the bucket name")
+            return S3AccessError(f"{where} does not exist: create it or fix the bucket name",
+                                 FailureReason.NO_SUCH_BUCKET)
         if code == "NoSuchKey":
             return S3AccessError(f"{where} has no such object")
         if code in _BAD_CREDENTIALS:
-            return S3AccessError(f"{where} rejected {creds} ({code}): fix the access key id or secret key")
+            return S3AccessError(f"{where} rejected {creds} ({code}): fix the access key id or secret key",
+                                 FailureReason.ACCESS_DENIED)
         if code in _DENIED:
             return S3AccessError(
-                f"{where} denied access to {creds}: grant s3:ListBucket and s3:GetObject (s3:PutObject for output)"
+                f"{where} denied access to {creds}: grant s3:ListBucket and s3:GetObject (s3:PutObject for output)",
+                FailureReason.ACCESS_DENIED,
             )
         return S3AccessError(f"{where} failed with S3 error {code or 'unknown'}")
     if isinstance(exc, EndpointConnectionError):

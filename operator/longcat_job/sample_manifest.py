@@ -43,16 +43,24 @@ class ManifestSample(_Frozen):
     start_frames: dict[str, ManifestObject] = Field(description="Conditioning dataset id -> its start frame.")
 
 
+class ManifestExcluded(_Frozen):
+    """A clip preflight left out (the job tolerates up to maxBadSampleFraction of them), and why."""
+
+    key: str
+    reason: str
+
+
 class ManifestDataset(_Frozen):
     id: str
     split: Split
     location: str
     conditioning: dict[str, str] = Field(description="Conditioning dataset id -> its location.")
     samples: list[ManifestSample]
+    excluded: list[ManifestExcluded] = Field(default_factory=list)
 
     def fingerprint(self) -> str:
-        """Changes when any object (location, key, ETag or size) of the dataset changes; not with the job."""
-        return _digest(self.model_dump(mode="json", exclude={"split"}))
+        """Changes when any sample's object (location, key, ETag or size) changes; not with the job."""
+        return _digest(self.model_dump(mode="json", exclude={"split", "excluded"}))
 
 
 class Manifest(_Frozen):
@@ -63,6 +71,10 @@ class Manifest(_Frozen):
 
     def fingerprint(self) -> str:
         return _digest([d.model_dump(mode="json") for d in self.datasets])
+
+    def excluded(self, split: Split) -> list[str]:
+        """'<dataset>/<key>: <reason>' of every clip of the split that preflight left out."""
+        return [f"{d.id}/{e.key}: {e.reason}" for d in self.datasets if d.split == split for e in d.excluded]
 
     def split(self, split: Split) -> list[tuple[str, ManifestSample]]:
         """(dataset id, sample) of every dataset of the split, in manifest order."""
@@ -101,6 +113,8 @@ def build_manifest(job: str, spec: JobSpec, result: PreflightResult) -> Manifest
                     )
                     for s in samples
                 ],
+                excluded=[ManifestExcluded(key=e.key, reason=e.reason) for e in result.excluded
+                          if e.dataset_id == dataset_id],
             )
             for dataset_id, samples in result.samples.items()
         ],

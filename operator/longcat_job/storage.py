@@ -39,13 +39,19 @@ class ObjectStore(Protocol):
 
     def stat(self, key: str) -> ObjectRecord: ...
 
-    def open_ranged(self, key: str) -> BinaryIO: ...
+    def open_ranged(self, key: str, *, size: int | None = None, block: int = ...) -> BinaryIO:
+        """A seekable file that reads only what is asked for; `size` (from a listing) saves asking for it."""
+        ...
 
     def get_bytes(self, key: str) -> bytes: ...
 
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None: ...
 
     def download(self, key: str, dest: Path, *, etag: str) -> ObjectRecord: ...
+
+    def for_small_reads(self) -> ObjectStore:
+        """This store, tuned for many small reads (open_ranged, get_bytes, get_range) from many threads."""
+        ...
 
 
 class ObjectChangedError(Exception):
@@ -81,8 +87,11 @@ class LocalStore:
         st = self._path(key).stat()
         return ObjectRecord(key=key, size=st.st_size, etag=local_etag(st))
 
-    def open_ranged(self, key: str) -> BinaryIO:
+    def open_ranged(self, key: str, *, size: int | None = None, block: int = 0) -> BinaryIO:
         return self._path(key).open("rb")
+
+    def for_small_reads(self) -> LocalStore:
+        return self
 
     def get_bytes(self, key: str) -> bytes:
         return self._path(key).read_bytes()
@@ -122,6 +131,20 @@ class S3Store:
             exc, what=self.what, bucket=self.bucket, endpoint=endpoint_of(self.client), secret_name=self.secret_name
         )
 
+    def for_small_reads(self) -> ObjectStore:
+        """The same objects read through obstore's client where the store's own is botocore's (s3_reads.py)."""
+        if not isinstance(self.client, ThreadClient):  # a client given explicitly (tests): read through it
+            return self
+        from .s3_reads import SmallReads  # noqa: PLC0415 - only preflight's deep check needs obstore
+
+        client = self.client
+        credentials_name = (f"the credentials in Secret '{self.secret_name}'" if self.secret_name
+                            else "the AWS_* credentials of the environment")
+        reads = SmallReads(self.bucket, self.prefix, endpoint=client.endpoint, region=client.region,
+                           credentials=client.credentials, where=f"{self.what}: bucket '{self.bucket}'",
+                           credentials_name=credentials_name)
+        return SmallReadsStore(self, reads)
+
     def list(self) -> Iterator[ObjectRecord]:
         paginator = self.client.get_paginator("list_objects_v2")
         cut = len(self.prefix)
@@ -143,8 +166,9 @@ class S3Store:
             raise self.error(exc) from None
         return ObjectRecord(key=key, size=head["ContentLength"], etag=head["ETag"].strip('"'))
 
-    def open_ranged(self, key: str) -> BinaryIO:
-        return RangedObject(self, key)
+    def open_ranged(self, key: str, *, size: int | None = None, block: int = 256 * 1024) -> BinaryIO:
+        # Buffered: a read of n bytes returns n bytes (across blocks), as parsers such as Pillow expect.
+        return io.BufferedReader(RangedObject(self, key, size=size, block=block))
 
     def get_bytes(self, key: str) -> bytes:
         try:
@@ -185,19 +209,43 @@ class S3Store:
         return ObjectRecord(key=key, size=response["ContentLength"], etag=got)
 
 
+class SmallReadsStore:
+    """An S3Store whose reads go through `reads` (open_ranged, get_bytes, get_range); the rest through the store."""
+
+    def __init__(self, store: S3Store, reads: Any) -> None:
+        self._store, self._reads = store, reads
+        self.url = store.url
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        return self._reads.get_range(key, start, end)
+
+    def get_bytes(self, key: str) -> bytes:
+        return self._reads.get_bytes(key)
+
+    def open_ranged(self, key: str, *, size: int | None = None, block: int = 256 * 1024) -> BinaryIO:
+        return io.BufferedReader(RangedObject(self, key, size=size, block=block))
+
+    def for_small_reads(self) -> SmallReadsStore:
+        return self
+
+
 class RangedObject(io.RawIOBase):
     """A seekable read-only file over an S3 object, reading only the ranges asked for (for PyAV's probe).
 
-    Reads are rounded up to a block so that a demuxer's many small reads cost few requests.
+    Reads are rounded up to `block` bytes so that a demuxer's many small reads cost few requests; an object
+    no larger than a block costs one GET. Without `size` its size is asked for first (a HEAD).
     """
 
-    BLOCK = 256 * 1024
-
-    def __init__(self, store: S3Store, key: str) -> None:
+    def __init__(self, store: S3Store | SmallReadsStore, key: str, *, size: int | None = None,
+                 block: int = 256 * 1024) -> None:
         super().__init__()
         self._store = store
         self._key = key
-        self._size = store.stat(key).size
+        self._size = store.stat(key).size if size is None else size
+        self._blocksize = block
         self._pos = 0
         self._block_start = -1
         self._block = b""
@@ -223,7 +271,8 @@ class RangedObject(io.RawIOBase):
         in_block = self._block_start <= self._pos < self._block_start + len(self._block)
         if not in_block:
             self._block_start = self._pos
-            self._block = self._store.get_range(self._key, self._pos, min(self._size, self._pos + max(want, self.BLOCK)))
+            end = min(self._size, self._pos + max(want, self._blocksize))
+            self._block = self._store.get_range(self._key, self._pos, end)
         offset = self._pos - self._block_start
         data = self._block[offset : offset + want]
         buffer[: len(data)] = data

@@ -103,16 +103,24 @@ def build_crd() -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            # Declared so that the rules below can name it (a CRD may describe metadata.name and generateName).
+            "metadata": {"type": "object", "properties": {"name": {"type": "string"}}},
             "spec": _schema(api.JobSpec),
             "status": _status_schema(),
         },
         "x-kubernetes-validations": [
             {
                 "rule": f"self.metadata.name.size() <= {api.MAX_JOB_NAME}",
+                "fieldPath": ".metadata.name",
                 "message": f"metadata.name must be at most {api.MAX_JOB_NAME} characters: the Job, Service and pod "
                 "names derived from it must fit 63",
-            }
+            },
+            {
+                "rule": f"self.metadata.name.matches('{api.JOB_NAME_PATTERN}')",
+                "fieldPath": ".metadata.name",
+                "message": "metadata.name must be lowercase letters, digits and '-' (no dots): the Service and pod "
+                "names derived from it are DNS labels",
+            },
         ],
     }
     return {
@@ -140,6 +148,8 @@ def build_crd() -> dict[str, Any]:
                         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
                         {"name": "Step", "type": "string", "jsonPath": ".status.progress.stepDisplay"},
                         {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+                        {"name": "ETA", "type": "string", "jsonPath": ".status.progress.etaDisplay"},
+                        {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
                     "schema": {"openAPIV3Schema": root},

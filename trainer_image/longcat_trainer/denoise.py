@@ -23,8 +23,10 @@ from typing import Literal
 
 import torch
 
+from longcat_job.buckets import Bucket
+
 from . import flow
-from .data.video import Bucket, load_image, resize_crop
+from .data.video import load_image, resize_crop
 from .model.dit import LongCatVideoTransformer3DModel
 
 SIGMA_MAX, SIGMA_MIN = 1.0, 0.001  # the official schedule's end points (before the shift)

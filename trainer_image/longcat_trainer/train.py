@@ -83,7 +83,10 @@ class Hooks:
 def frozen_manifest(job: LongCatI2VJob, output: ObjectStore, world: World) -> Manifest:
     """The operator's manifest.json; without one (one machine, tests) rank 0 runs preflight and writes it."""
     if world.is_main and not any(r.key == MANIFEST_KEY for r in _list_or_empty(output)):
-        result = run_preflight(job.spec, deep=False)
+        result = run_preflight(job.spec)
+        level = logging.WARNING if result.report.unusable or not result.report.ok else logging.INFO
+        for line in result.report.lines():
+            log.log(level, "preflight: %s", line)
         if not result.report.ok:
             raise BadInputError("preflight found problems:\n" + "\n".join(result.report.lines()))
         write_manifest(output, build_manifest(job.metadata.name or "job", job.spec, result))
@@ -154,21 +157,24 @@ def prepare_caches(
     reader = ShardReader(manifest, "train", rank=world.rank, world_size=world.world_size,
                          store_for=dataset_stores.__getitem__, cache=DiskCache(data_dir, DATA_CACHE_BYTES))
     cache = build_caches(spec, manifest, world, reader, cache_stores, model_root, dtype)
-    unusable = cache.total - len(cache.samples)
+    # Preflight left some samples out already (within maxBadSampleFraction); they count with what caching found.
+    named = manifest.excluded("train") + cache.bad
+    total = cache.total + len(manifest.excluded("train"))
+    unusable = total - len(cache.samples)
     metrics.cache_hits.inc(cache.hits)
     metrics.cache_misses.inc(cache.misses)
     metrics.bad_samples.set(unusable)
     reporter.doc.cache = CacheCounts(hits=cache.hits, misses=cache.misses)
-    reporter.doc.bad_samples = BadSamples(count=unusable, total=cache.total, too_short=cache.too_short,
-                                          examples=cache.bad[:20])
-    log.info("cache: %d hits, %d misses, %d bad, %d too short, %d of %d samples usable",
-             cache.hits, cache.misses, len(cache.bad), cache.too_short, len(cache.samples), cache.total)
+    reporter.doc.bad_samples = BadSamples(count=unusable, total=total, too_short=cache.too_short,
+                                          examples=named[:20])
+    log.info("cache: %d hits, %d misses, %d bad (%d too short), %d left out by preflight, %d of %d samples usable",
+             cache.hits, cache.misses, len(cache.bad), cache.too_short, total - cache.total, len(cache.samples),
+             total)
     fraction = spec.training.max_bad_sample_fraction
-    if not cache.samples or unusable > fraction * cache.total:
+    if not cache.samples or unusable > fraction * total:
         raise BadInputError(
-            f"{unusable} of {cache.total} samples are unusable ({len(cache.bad)} bad, {cache.too_short} too short), "
-            f"more than spec.training.maxBadSampleFraction={fraction}; first: "
-            + "; ".join(cache.bad[:5] or ["(clips shorter than the dataset's frames)"])
+            f"{unusable} of {total} samples are unusable, more than spec.training.maxBadSampleFraction={fraction}; "
+            "first: " + "; ".join(named[:5])
         )
     return cache, cache_stores
 

@@ -76,7 +76,7 @@ def choose_samples(spec: JobSpec, manifest: Manifest) -> list[tuple[str, Manifes
 def clip_fps(store: ObjectStore, key: str) -> float:
     """The clip's frame rate from its container header (ranged reads only), or DEFAULT_FPS when unknown."""
     try:
-        with io.BufferedReader(store.open_ranged(key)) as raw, av.open(raw) as container:
+        with store.open_ranged(key) as raw, av.open(raw) as container:
             rate = container.streams.video[0].average_rate if container.streams.video else None
     except (av.FFmpegError, OSError) as exc:
         log.warning("validation: cannot read the frame rate of %s (%s); using %d fps", key, exc, DEFAULT_FPS)
@@ -176,7 +176,7 @@ class Validator:
                                                clip_fps(store(dataset_id), sample.clip.key), latents, text(caption)))
         self.negative = text(spec.validation.negative_prompt) if spec.validation.guidance > 1 else None
         self.vae.to("cpu")
-        del text_encoder
+        text_encoder = None  # `text` holds it in its closure: clearing it there frees the encoder's memory
         free_memory(world.device)
 
     def __call__(self, info: StepInfo) -> list[str]:

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 
 from longcat_job.api import JobSpec
+from longcat_job.buckets import Bucket
 from longcat_job.sample_manifest import Manifest
 from longcat_job.storage import ObjectStore
 
 from .. import distributed
 from ..data.entries import Ref, TrainSample, read_bucket
 from ..data.shards import ShardReader
-from ..data.video import BadSampleError, Bucket, ClipTooShortError
+from ..data.video import BadSampleError, ClipTooShortError
 from ..distributed import World
 from ..metrics import RateLog
 from .fill import Encoders, encode_missing, put_entry
@@ -120,7 +121,7 @@ def build_caches(
         negative=negative,
         hits=hits,
         misses=misses,
-        bad=[reason for _, reason, short in all_bad if not short],  # each reason names its file
+        bad=[reason for _, reason, _ in all_bad],  # each reason names its file
         too_short=sum(short for _, _, short in all_bad),
         total=len(plans),
     )

@@ -11,11 +11,12 @@ from safetensors.torch import save as save_safetensors
 from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 
 from longcat_job.api import JobSpec
+from longcat_job.buckets import Bucket
 from longcat_job.storage import ObjectStore
 
 from ..data.entries import Ref, read_bucket
 from ..data.shards import ShardReader
-from ..data.video import BadSampleError, Bucket, prepare_sample
+from ..data.video import BadSampleError, prepare_sample
 from ..model import encode, loading
 from .plan import Plan
 

@@ -114,7 +114,7 @@ def prepare_output(job: LongCatI2VJob, output: ObjectStore, say: Say = print) ->
     if _exists(output, MANIFEST_KEY):
         say(f"manifest: {output.url.rstrip('/')}/{MANIFEST_KEY} (frozen by an earlier run: its samples are used)")
         return
-    result = run_preflight(job.spec, deep=False)
+    result = run_preflight(job.spec)
     for line in result.report.lines():
         say(f"preflight: {line}")
     if not result.report.ok:

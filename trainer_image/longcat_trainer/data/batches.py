@@ -14,12 +14,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from longcat_job.buckets import Bucket
 from longcat_job.failures import InvalidConfigError
 from longcat_job.storage import ObjectStore
 
 from .entries import TrainSample, read_entry, text_batch
 from .shards import shard
-from .video import Bucket
 
 
 def epoch_batches(samples: list[TrainSample], batch_size: int, seed: int, epoch: int) -> list[list[TrainSample]]:

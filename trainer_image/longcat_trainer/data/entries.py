@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load as load_safetensors
 
+from longcat_job.buckets import Bucket
 from longcat_job.storage import ObjectStore
 
 from ..model import encode
-from .video import Bucket
 
 
 @dataclass(frozen=True)

@@ -4,28 +4,14 @@ Temporal sampling: a training clip is its first `frames` consecutive decoded fra
 frame rate (no resampling). The start frame of an image-to-video pair is the picture the clip starts from,
 so the clip is taken from its frame 0. A clip with fewer frames is skipped (`ClipTooShort`), never padded.
 
-Aspect buckets: every clip is resized (keeping its aspect, covering the bucket) and center-cropped to a
-bucket whose sides are multiples of `aspectBucketAlignment` (always a multiple of 16, as the VAE's 8x and
-the DiT's 2x2 patches need), with a pixel count near the target of the dataset's `resolution`:
-
-    target pixels = resolution^2 * 832/480      (the model's native 480x832 frame, scaled to the short side)
-    buckets       = every (height, width) on the alignment grid with aspect between 1:4 and 4:1 whose pixel
-                    count is within 10% of the target (for each height, the widths just below and above
-                    target/height)
-    a clip's bucket = the one closest to the clip's aspect ratio (in log ratio), ties to the nearer pixel count
-
-For resolution 480 and alignment 64 the target is 399,360 pixels and the buckets near LongCat's native
-shape are 448x832 (372,736 px), 512x832 (425,984), 448x896 and 512x768; 480x832 itself is not on the
-64 grid (480 = 7.5 x 64), and a 480x832 clip lands in 512x832 (aspect 1.625 vs 1.733; 448x832 is 1.857).
-Portrait clips get the twins (832x448, 832x512, ...). With alignment 16, 480x832 is itself a bucket.
-The start frame is loaded the same way into its clip's bucket; it must have the clip's pixel size.
+Aspect buckets (longcat_job/buckets.py): every clip is resized (keeping its aspect, covering the bucket) and
+center-cropped to its bucket. The start frame is loaded the same way into its clip's bucket; it must have the
+clip's pixel size.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import av
@@ -34,11 +20,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from longcat_job.failures import BadInputError, InvalidConfigError
-
-NATIVE_ASPECT = 832 / 480
-AREA_TOLERANCE = 0.10
-MAX_ASPECT = 4.0
+from longcat_job.buckets import Bucket, bucket_for
+from longcat_job.failures import BadInputError
 
 
 class BadSampleError(BadInputError):
@@ -47,51 +30,6 @@ class BadSampleError(BadInputError):
 
 class ClipTooShortError(BadSampleError):
     pass
-
-
-@dataclass(frozen=True, order=True)
-class Bucket:
-    height: int
-    width: int
-
-    def __str__(self) -> str:
-        return f"{self.height}x{self.width}"
-
-    @classmethod
-    def parse(cls, text: str) -> Bucket:
-        height, width = text.split("x")
-        return cls(int(height), int(width))
-
-
-def target_pixels(resolution: int) -> float:
-    return resolution * resolution * NATIVE_ASPECT
-
-
-@lru_cache(maxsize=64)
-def buckets(resolution: int, alignment: int) -> tuple[Bucket, ...]:
-    """The bucket list of a dataset (see the module docstring), sorted by height."""
-    target = target_pixels(resolution)
-    found: set[Bucket] = set()
-    max_side = int(math.sqrt(target * MAX_ASPECT)) + alignment
-    for height in range(alignment, max_side + 1, alignment):
-        below = max(alignment, int(target / height) // alignment * alignment)
-        for width in (below, below + alignment):
-            aspect = width / height
-            close = abs(width * height - target) <= AREA_TOLERANCE * target
-            if close and 1 / MAX_ASPECT <= aspect <= MAX_ASPECT:
-                found.add(Bucket(height, width))
-    if not found:
-        raise InvalidConfigError(f"no bucket near {resolution}p on a {alignment}-pixel grid: lower aspectBucketAlignment")
-    return tuple(sorted(found))
-
-
-def bucket_for(height: int, width: int, resolution: int, alignment: int) -> Bucket:
-    aspect = math.log(width / height)
-    target = target_pixels(resolution)
-    return min(
-        buckets(resolution, alignment),
-        key=lambda b: (round(abs(math.log(b.width / b.height) - aspect), 9), abs(b.height * b.width - target)),
-    )
 
 
 def resize_crop(frames: torch.Tensor, bucket: Bucket) -> torch.Tensor:
