@@ -10,6 +10,7 @@ errors worded as `s3.access_error` words them.
 from __future__ import annotations
 
 import os
+import threading
 from datetime import timedelta
 from typing import Any
 
@@ -24,23 +25,39 @@ from .s3 import DEFAULT_REGION, ENDPOINT_URL, REGION, S3AccessError, S3Credentia
 RETRY = {"max_retries": 4, "retry_timeout": timedelta(seconds=30)}
 
 
+_stores: dict[tuple, ObstoreS3] = {}
+_STORES_LOCK = threading.Lock()
+MAX_STORES = 64
+
+
+def _store(bucket: str, endpoint: str | None, region: str, credentials: S3Credentials | None) -> ObstoreS3:
+    """One client per bucket, endpoint, region and credentials: making one (TLS roots, HTTP pool) costs more CPU
+    than the few reads a small job's preflight makes with it."""
+    key = (bucket, endpoint, region, credentials)
+    with _STORES_LOCK:
+        if key not in _stores:
+            config: dict[str, Any] = {"region": region, "virtual_hosted_style_request": False}
+            if endpoint:
+                config["endpoint"] = endpoint
+            if credentials is not None:
+                config["access_key_id"] = credentials.access_key_id
+                config["secret_access_key"] = credentials.secret_access_key.get_secret_value()
+                if credentials.session_token is not None:
+                    config["session_token"] = credentials.session_token.get_secret_value()
+            _stores[key] = ObstoreS3(bucket, config=config, client_options={"allow_http": True}, retry_config=RETRY)
+            while len(_stores) > MAX_STORES:
+                _stores.pop(next(iter(_stores)))
+        return _stores[key]
+
+
 class SmallReads:
     """get_range / get_bytes of keys under `s3://bucket/prefix`; safe to share between threads."""
 
     def __init__(self, bucket: str, prefix: str, *, endpoint: str | None, region: str | None,
                  credentials: S3Credentials | None, where: str, credentials_name: str) -> None:
-        config: dict[str, Any] = {"region": region or os.environ.get(REGION) or DEFAULT_REGION,
-                                  "virtual_hosted_style_request": False}
-        endpoint = endpoint or os.environ.get(ENDPOINT_URL)
-        if endpoint:
-            config["endpoint"] = endpoint
-        if credentials is not None:
-            config["access_key_id"] = credentials.access_key_id
-            config["secret_access_key"] = credentials.secret_access_key.get_secret_value()
-            if credentials.session_token is not None:
-                config["session_token"] = credentials.session_token.get_secret_value()
-        self._store = ObstoreS3(bucket, prefix=prefix.rstrip("/") or None, config=config,
-                                client_options={"allow_http": True}, retry_config=RETRY)
+        self._store = _store(bucket, endpoint or os.environ.get(ENDPOINT_URL) or None,
+                             region or os.environ.get(REGION) or DEFAULT_REGION, credentials)
+        self._prefix = prefix
         self._where, self._credentials_name = where, credentials_name
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
@@ -48,13 +65,13 @@ class SmallReads:
         if end <= start:
             return b""
         try:
-            return bytes(obstore.get_range(self._store, key, start=start, end=end))
+            return bytes(obstore.get_range(self._store, self._prefix + key, start=start, end=end))
         except Exception as exc:  # obstore raises its own classes: worded here as every S3 failure is
             raise self._error(exc, key) from None
 
     def get_bytes(self, key: str) -> bytes:
         try:
-            return bytes(obstore.get(self._store, key).bytes())
+            return bytes(obstore.get(self._store, self._prefix + key).bytes())
         except Exception as exc:
             raise self._error(exc, key) from None
 
