@@ -13,8 +13,10 @@ their restarts run while the others launch; their statuses are checked at the en
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -24,6 +26,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import psutil
 from kubernetes import client, config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +51,32 @@ def rss_mib(pid: int) -> float:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU time (user + system) of this process and each process it started, by program name."""
+    found: collections.Counter = collections.Counter()
+    me = psutil.Process()
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+            command = process.cmdline()
+        except psutil.NoSuchProcess:
+            continue
+        name = "operator" if "longcat_operator.reconcile" in command else Path(command[0]).name if command else "?"
+        found["bench" if process.pid == me.pid else name] += times.user + times.system
+    return dict(found)
+
+
+def api_requests(cluster) -> collections.Counter:
+    """The API server's own count of the requests it served, by (verb, resource), from its /metrics."""
+    text = cluster.kubectl("get", "--raw", "/metrics").stdout
+    counts: collections.Counter = collections.Counter()
+    for line in text.splitlines():
+        if line.startswith("apiserver_request_total{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
+            counts[(labels.get("verb", ""), labels.get("resource", ""))] += int(float(line.rsplit(" ", 1)[1]))
+    return counts
 
 
 def main() -> None:
@@ -94,6 +123,8 @@ def main() -> None:
                     seen.setdefault(job.metadata.labels[LABEL_JOB], time.monotonic())
                 time.sleep(POLL_S)
 
+        before = api_requests(cluster)
+        cpu_before = cpu_seconds()
         watcher = threading.Thread(target=poll_jobs, daemon=True)
         watcher.start()
         created: dict[str, float] = {}
@@ -121,7 +152,17 @@ def main() -> None:
         latencies = [seen[name] - created[name] for name in created if name in seen]
         print(f"jobs with a Job: {len(seen)}/{args.jobs}; all within {all_in:.1f}s of the first create")
         print(f"creation -> Job created: p50 {statistics.median(latencies):.2f}s, "
-              f"p99 {percentile(latencies, 0.99):.2f}s, max {max(latencies):.2f}s")
+              f"p90 {percentile(latencies, 0.9):.2f}s, p99 {percentile(latencies, 0.99):.2f}s, "
+              f"max {max(latencies):.2f}s")
+        cpu = {name: seconds - cpu_before.get(name, 0.0) for name, seconds in cpu_seconds().items()}
+        print(f"CPU seconds while launching ({all_in:.0f} s on {os.cpu_count()} cores): " + ", ".join(
+            f"{name} {seconds:.1f}" for name, seconds in sorted(cpu.items(), key=lambda kv: -kv[1]) if seconds >= 0.5))
+        served = api_requests(cluster) - before
+        ours = {key: n for key, n in served.items() if key[1] in (
+            "longcati2vjobs", "jobs", "pods", "configmaps", "services", "secrets", "events")}
+        # The bench's own polling (list jobs every 0.1 s) and pod patches are in these counts too.
+        print("API requests per job while launching (verb resource: count/job): " + ", ".join(
+            f"{verb} {resource}: {n / args.jobs:.1f}" for (verb, resource), n in sorted(ours.items())))
 
         if failing:
             deadline = time.monotonic() + 60
@@ -140,6 +181,9 @@ def main() -> None:
                 phases[n] = (obj.get("status", {}).get("phase"), obj.get("status", {}).get("restarts", 0))
             wrong = {n: p for n, p in phases.items() if p != ("Launching", 0)}
             print(f"other jobs with an unexpected status: {len(wrong)} {json.dumps(dict(list(wrong.items())[:5]))}")
+        reasons = collections.Counter(e.reason for e in core.list_namespaced_event(NAMESPACE).items
+                                      if e.involved_object.kind == "LongCatI2VJob")
+        print(f"events on the jobs by reason: {dict(reasons.most_common())}")
         print(f"operator resident memory: {rss_mib(operator.pid):.0f} MiB")
         log.close()
 

@@ -165,8 +165,23 @@ def test_cert_manager_issues_the_webhook_certificate_when_present(helm: Helm) ->
         f"{RELEASE_NS}/lc-longcat-operator-webhook")
 
 
+def test_the_webhook_may_review_access_and_the_allow_list_reaches_the_operator(helm: Helm) -> None:
+    docs = helm.template("--set", "webhook.enabled=true",
+                         "--set", "s3.allowedEndpoints={http://minio.storage:9000,https://s3.example.com}")
+    cluster_role = next(d for d in by_kind(docs, "ClusterRole") if d["metadata"]["name"].endswith("-cluster"))
+    assert {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"],
+            "verbs": ["create"]} in cluster_role["rules"]
+    container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["LONGCAT_ALLOWED_S3_ENDPOINTS"] == "http://minio.storage:9000,https://s3.example.com"
+    plain = helm.template()
+    assert "LONGCAT_ALLOWED_S3_ENDPOINTS" not in json.dumps(plain)  # default: the default endpoint and AWS only
+    assert "subjectaccessreviews" not in json.dumps(plain)  # no webhook, no access reviews
+
+
 @pytest.mark.parametrize("values, field", [
     (["--set", "replicaCount=two"], "/replicaCount"),
+    (["--set", "s3.allowedEndpoints={minio:9000}"], "/s3/allowedEndpoints/0"),
     (["--set-string", "watch.clusterWide=yes"], "/watch/clusterWide"),
     (["--set", "metrics.port=70000"], "/metrics/port"),
     (["--set", "trainer.defaultS3Endpoint=minio:9000"], "/trainer/defaultS3Endpoint"),
@@ -211,13 +226,15 @@ NEEDED = [
     ("create", "jobs.batch"), ("get", "jobs.batch"), ("list", "jobs.batch"), ("delete", "jobs.batch"),
     ("patch", "jobs.batch"),
     ("create", "configmaps"), ("get", "configmaps"), ("create", "services"), ("get", "services"),
+    # A finished job's ttlSecondsAfterFinished deletes its gang's ConfigMap and Service.
+    ("delete", "configmaps"), ("delete", "services"),
     ("get", "pods"), ("list", "pods"), ("get", "secrets"), ("create", "events"),
     ("patch", "kopfpeerings.kopf.dev"), ("watch", "kopfpeerings.kopf.dev"),
 ]
 # What it never needs, in a namespace it watches.
 REFUSED = [
     ("list", "secrets"), ("watch", "secrets"), ("create", "secrets"), ("create", "pods"),
-    ("create", "pods", "--subresource=exec"), ("delete", "pods"), ("update", "configmaps"), ("delete", "configmaps"),
+    ("create", "pods", "--subresource=exec"), ("delete", "pods"), ("update", "configmaps"),
     ("create", "longcati2vjobs.longcat.video"), ("delete", "longcati2vjobs.longcat.video"),
     ("create", "roles.rbac.authorization.k8s.io"), ("create", "rolebindings.rbac.authorization.k8s.io"),
     ("update", "deployments.apps"), ("create", "serviceaccounts/token"),

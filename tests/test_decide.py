@@ -6,10 +6,12 @@ The handlers that read and apply these decisions run against the real API server
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 import pytest
 
 from longcat_job.api import DatasetStatus, JobSpec, JobStatus, Phase
+from longcat_job.failures import FailureReason
 from longcat_job.parse import parse_job
 from longcat_job.progress import Failure, TrainerProgress
 from longcat_operator import status as transitions
@@ -19,6 +21,7 @@ from longcat_operator.decide import (
     CreateAttempt,
     Decision,
     DeleteAttempts,
+    DeleteGang,
     Emit,
     Observed,
     PodExit,
@@ -58,6 +61,10 @@ def launched(restarts: int = 0, phase: Phase = Phase.LAUNCHING) -> JobStatus:
     return status.model_copy(update={"restarts": restarts, "phase": phase})
 
 
+def suspended() -> JobStatus:
+    return transitions.suspending(launched(), GENERATION)
+
+
 def progress(phase: str = "Training", step: int = 4, failure: Failure | None = None) -> TrainerProgress:
     return TrainerProgress(phase=phase, progress={"step": step, "maxSteps": 10, "loss": 0.25}, failure=failure,
                            updated="2026-11-25T12:00:00Z")
@@ -65,6 +72,16 @@ def progress(phase: str = "Training", step: int = 4, failure: Failure | None = N
 
 RUNNING = Attempt()
 FAILED = Attempt(failed=True)
+# The transitions stamp whole seconds of the real clock; the timed cases reckon from there.
+NOW = transitions.now()
+
+
+def later(seconds: float) -> datetime:
+    return NOW + timedelta(seconds=seconds)
+
+
+def finished(phase: Phase = Phase.SUCCEEDED) -> JobStatus:
+    return launched(0, phase).model_copy(update={"completion_time": NOW})
 
 
 @dataclass(frozen=True)
@@ -136,19 +153,50 @@ CASES = [
     Case("exit code 78 without progress.json: bad input", launched(0, Phase.TRAINING),
          Observed(attempts={0: FAILED}, exits=(PodExit("job-a0-0", 78, message="clips/a.mp4: unreadable"),)),
          Phase.FAILED, ("BadInput", "Failed"), conditions={"Failed": ("True", "BadInput")}),
+    # The output bucket refused: no progress.json, the termination message carries the reason.
+    Case("termination message AccessDenied: failed without restart", launched(0, Phase.TRAINING),
+         Observed(attempts={0: FAILED}, exits=(PodExit("job-a0-0", 1, message="output: bucket 'b' denied access",
+                                                       failure=FailureReason.ACCESS_DENIED),)),
+         Phase.FAILED, ("AccessDenied", "Failed"), conditions={"Failed": ("True", "AccessDenied")}),
+    Case("termination message NoSuchBucket: failed without restart", launched(0, Phase.TRAINING),
+         Observed(attempts={0: FAILED}, exits=(PodExit("job-a0-0", 1, message="bucket 'b' does not exist",
+                                                       failure=FailureReason.NO_SUCH_BUCKET),)),
+         Phase.FAILED, ("NoSuchBucket", "Failed"), conditions={"Failed": ("True", "NoSuchBucket")}),
+    Case("termination message Error (S3 unreachable): restarts", launched(0, Phase.TRAINING),
+         Observed(attempts={0: FAILED}, exits=(PodExit("job-a0-0", 1, message="S3 cannot be reached",
+                                                       failure=FailureReason.ERROR),)),
+         Phase.LAUNCHING, ("GangRestarted", CountRestart(), "Launching"), restarts=1),
     Case("complete: succeeded", launched(0, Phase.TRAINING),
          Observed(attempts={0: Attempt(complete=True)}, progress=progress("Succeeded", 10)), Phase.SUCCEEDED,
          ("Succeeded", "Succeeded"), conditions={"Complete": ("True", "Succeeded")}),
     Case("suspend requested: the Job suspended", launched(0, Phase.TRAINING),
          Observed(attempts={0: RUNNING}, running_pods=2, suspend_request=True), Phase.SUSPENDED,
-         (SetSuspended(0, True), "Suspended")),
-    Case("suspended Job: phase Suspended", launched(0, Phase.SUSPENDED),
+         (SetSuspended(0, True), "Suspended"), conditions={"Suspended": ("True", "JobSuspended")}),
+    Case("suspended Job: phase Suspended", suspended(),
          Observed(attempts={0: Attempt(suspended=True)}), Phase.SUSPENDED, unchanged=True),
-    Case("resume requested: the Job resumed", launched(0, Phase.SUSPENDED),
+    Case("resume requested: the Job resumed", suspended(),
          Observed(attempts={0: Attempt(suspended=True)}, suspend_request=False), Phase.LAUNCHING,
-         (SetSuspended(0, False), "Resumed")),
-    Case("suspend replayed for a Job already suspended: nothing", launched(0, Phase.SUSPENDED),
+         (SetSuspended(0, False), "Resumed"), conditions={"Suspended": ("False", "JobResumed")}),
+    Case("suspend replayed for a Job already suspended: nothing", suspended(),
          Observed(attempts={0: Attempt(suspended=True)}, suspend_request=True), Phase.SUSPENDED, unchanged=True),
+    Case("TTL not yet expired: nothing", finished(), Observed(attempts={0: Attempt(complete=True)}, now=later(9)),
+         Phase.SUCCEEDED, spec=spec(ttlSecondsAfterFinished=10), unchanged=True),
+    Case("TTL expired: the gang deleted, the job kept", finished(Phase.FAILED),
+         Observed(attempts={0: FAILED, 1: FAILED}, now=later(10)), Phase.FAILED,
+         (DeleteGang((0, 1)), "TTLExpired"), spec=spec(ttlSecondsAfterFinished=10),
+         conditions={"GangDeleted": ("True", "TTLExpired")}),
+    Case("no TTL: a finished gang stays", finished(), Observed(attempts={0: Attempt(complete=True)}, now=later(10**6)),
+         Phase.SUCCEEDED, unchanged=True),
+    Case("deadline not reached: runs on", launched(0, Phase.TRAINING).model_copy(update={"start_time": NOW}),
+         Observed(attempts={0: RUNNING}, running_pods=2, now=later(59)), Phase.TRAINING,
+         spec=spec(activeDeadlineSeconds=60)),
+    Case("deadline passed: the gang stopped, Failed DeadlineExceeded", launched(1, Phase.TRAINING).model_copy(
+        update={"start_time": NOW}), Observed(attempts={1: RUNNING}, running_pods=2, now=later(60)), Phase.FAILED,
+         (DeleteAttempts((1,)), "DeadlineExceeded", "Failed"), restarts=1, spec=spec(activeDeadlineSeconds=60),
+         conditions={"Failed": ("True", "DeadlineExceeded")}),
+    Case("deadline while suspended: the clock waits", suspended().model_copy(
+        update={"start_time": NOW}), Observed(attempts={0: Attempt(suspended=True)}, now=later(600)),
+         Phase.SUSPENDED, spec=spec(activeDeadlineSeconds=60), unchanged=True),
     Case("finished: nothing more", transitions.succeeded(launched(), GENERATION),
          Observed(attempts={0: Attempt(complete=True)}), Phase.SUCCEEDED, unchanged=True),
 ]
@@ -177,7 +225,13 @@ def test_progress_is_mirrored_with_a_step_for_kubectl() -> None:
     decision = decide("job", spec(), launched(0, Phase.TRAINING),
                       Observed(attempts={0: RUNNING}, running_pods=2, progress=progress(step=7)), GENERATION)
     assert decision.status.progress.step == 7 and decision.status.progress.step_display == "7/10"
+    assert decision.status.progress.eta_display is None  # the trainer gave no ETA yet
     assert decision.status.artifacts.manifest == "s3://data/x/manifest.json"  # launch's artifacts are kept
+
+
+@pytest.mark.parametrize(("seconds", "shown"), [(0, "0s"), (44.6, "45s"), (725, "12m05s"), (11_220, "3h07m")])
+def test_eta_is_shown_as_a_duration(seconds: float, shown: str) -> None:
+    assert transitions.duration(seconds) == shown
 
 
 def test_a_condition_keeps_its_transition_time_while_its_status_holds() -> None:
@@ -192,3 +246,10 @@ def test_max_restarts_names_the_last_error() -> None:
     failed = transitions.condition(decide("job", spec(), launched(2), observed, GENERATION).status, "Failed")
     assert failed.message == ("the gang failed 3 times (maxRestarts 2); last error: pod job-a2-0 exited with code "
                               "137 (OOMKilled): see its log")
+
+
+def test_a_resume_restarts_the_deadline_clock() -> None:
+    held = suspended().model_copy(update={"start_time": NOW - timedelta(hours=1)})
+    decision = decide("job", spec(activeDeadlineSeconds=60), held,
+                      Observed(attempts={0: Attempt(suspended=True)}, suspend_request=False), GENERATION)
+    assert decision.status.phase == Phase.LAUNCHING and decision.status.start_time >= NOW

@@ -36,6 +36,8 @@ from tests.fixtures.s3 import S3Server
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.s3, pytest.mark.timeout(3600)]
 
 SECRET = "s3-credentials"
+MODEL_BUCKET = "e2e-models"
+MODEL_CACHE_CLAIM = "models"
 TRAINER_UID = 10001
 
 
@@ -111,7 +113,8 @@ def setup(e2e_node: tuple[Node, S3Server], helm: Helm, tmp_path_factory: pytest.
     bucket = s3.create_bucket("e2e")
     model = tmp_path_factory.mktemp("model") / "tiny"
     write_tiny_checkpoint(model)
-    upload_dir(s3, bucket, "model", model)
+    # The model has a bucket of its own: the server's per-bucket GET count tells what the model cache saved.
+    upload_dir(s3, s3.create_bucket(MODEL_BUCKET), "model", model)
     data = store_for(Location.model_validate({"s3": {"bucket": bucket, "prefix": "data/", "endpoint": s3.endpoint}}),
                      what="e2e data", credentials=lambda _: s3.credentials)
     write_shapes_dataset(data, count=3, frames=9, height=64, width=112)
@@ -129,6 +132,18 @@ def setup(e2e_node: tuple[Node, S3Server], helm: Helm, tmp_path_factory: pytest.
                      "--set", "image.pullPolicy=Never", "--set", f"trainer.image={node.images.trainer}",
                      "--set", f"trainer.defaultS3Endpoint={s3.endpoint}", "--set", "replicaCount=1",
                      "--set", "extraEnv[0].name=LONGCAT_PROGRESS_INTERVAL_S", "--set-string", "extraEnv[0].value=2")
+    # The model cache: a volume on the node (world-writable: fsGroup does not apply to hostPath) and its claim.
+    cache = tmp_path_factory.mktemp("model-cache")
+    cache.chmod(0o777)
+    cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"{RELEASE_NS}-{MODEL_CACHE_CLAIM}"},
+         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "manual",
+                  "hostPath": {"path": str(cache), "type": "Directory"}}},
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+         "metadata": {"name": MODEL_CACHE_CLAIM, "namespace": RELEASE_NS},
+         "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "manual",
+                  "volumeName": f"{RELEASE_NS}-{MODEL_CACHE_CLAIM}", "resources": {"requests": {"storage": "1Gi"}}}},
+    ]}))
     setup = Setup(node, s3, bucket)
     setup.wait_for("the operator's pod Ready", lambda: _ready_pods(setup, "app.kubernetes.io/name=longcat-operator"),
              timeout=180)
@@ -150,7 +165,7 @@ def job(setup: Setup, name: str, **training: Any) -> dict[str, Any]:
     return {
         "apiVersion": "longcat.video/v1alpha1", "kind": "LongCatI2VJob", "metadata": {"name": name},
         "spec": {
-            "model": {"source": f"s3://{setup.bucket}/model", "storage": {"credentialsSecret": SECRET}},
+            "model": {"source": f"s3://{MODEL_BUCKET}/model", "storage": {"credentialsSecret": SECRET}},
             "lora": {"rank": 4},
             "training": {"maxSteps": 8, "checkpointEvery": 4, "learningRate": 1e-3, "gradientCheckpointing": False,
                          **training},
@@ -247,9 +262,12 @@ def test_a_job_trains_in_a_real_pod_and_leaves_its_lora_in_s3(setup: Setup) -> N
 
 def test_a_killed_trainer_restarts_the_gang_which_resumes_from_its_checkpoint(setup: Setup) -> None:
     interval = 5
-    apply(setup, job(setup, "killed", maxSteps=30, checkpointEvery=interval))
+    document = job(setup, "killed", maxSteps=30, checkpointEvery=interval)
+    document["spec"]["resources"]["modelCache"] = {"claimName": MODEL_CACHE_CLAIM}
+    apply(setup, document)
     setup.wait_for("the first checkpoint", lambda: (p := setup.progress("killed")) is not None
              and p.artifacts.latest_checkpoint, timeout=600, interval=0.2)
+    model_gets = setup.s3.requests(MODEL_BUCKET, "GET")  # attempt 0 has loaded the model by now
     pod = trainer_pods(setup, "killed", 0)[0]
     container_id = pod["status"]["containerStatuses"][0]["containerID"].removeprefix("containerd://")
     setup.node.ctr("tasks", "kill", "--signal", "SIGKILL", container_id)
@@ -271,8 +289,23 @@ def test_a_killed_trainer_restarts_the_gang_which_resumes_from_its_checkpoint(se
     assert resumed_from == latest, (latest, resumed_from)
     final = setup.progress("killed")
     assert final.cache.misses == 0 and final.cache.hits > 0, final.cache  # the second attempt's caches all hit
+    assert "using the cached copy" in logs and setup.s3.requests(MODEL_BUCKET, "GET") == model_gets  # no download
     events = setup.kubectl("get", "events", "--field-selector", "involvedObject.name=killed", "-o", "json")
     assert '"reason": "GangRestarted"' in events
+
+
+def test_a_permanent_storage_error_fails_at_once_with_its_reason_from_the_pod(setup: Setup) -> None:
+    document = job(setup, "nomodel")
+    document["spec"]["model"]["source"] = "s3://no-such-model-bucket/model"
+    apply(setup, document)
+    phases = watch_phases(setup, "nomodel", {"Succeeded", "Failed"}, timeout=300)
+    failed = next(c for c in status(setup, "nomodel")["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "NoSuchBucket" and "'no-such-model-bucket'" in failed["message"], (phases, failed)
+    assert status(setup, "nomodel").get("restarts", 0) == 0  # permanent: no restart spent
+    pod = trainer_pods(setup, "nomodel", 0)[0]
+    message = terminated(pod)["message"]  # what the trainer left in /dev/termination-log, as the kubelet read it
+    assert message.startswith("NoSuchBucket: ") and "does not exist" in message
+    assert setup.s3.credentials.secret_access_key.get_secret_value() not in message
 
 
 def test_deleting_a_running_job_stops_its_pods_after_a_checkpoint(setup: Setup) -> None:

@@ -100,3 +100,17 @@ def test_service_is_headless_and_publishes_unready_pods():
     assert svc["metadata"]["name"] == "lcj-minimal"
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
     assert svc["spec"]["selector"] == {gang.LABEL_JOB: "minimal"}
+
+
+def test_a_model_cache_claim_is_mounted_where_the_trainer_keeps_models():
+    pod = gang.indexed_job(_job(modelCache={"claimName": "longcat-models"}), SETTINGS, OWNER, 0)["spec"]["template"]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["model-cache"]["persistentVolumeClaim"] == {"claimName": "longcat-models"}
+    container = pod["spec"]["containers"][0]
+    assert {"name": "model-cache", "mountPath": gang.MODEL_CACHE_DIR} in container["volumeMounts"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["LONGCAT_MODEL_CACHE"] == gang.MODEL_CACHE_DIR
+    assert env["HF_HUB_CACHE"].startswith(gang.MODEL_CACHE_DIR)
+    without = gang.indexed_job(_job(), SETTINGS, OWNER, 0)["spec"]["template"]["spec"]
+    assert "model-cache" not in {v["name"] for v in without["volumes"]}  # then each attempt downloads to /tmp
+

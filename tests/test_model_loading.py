@@ -309,3 +309,29 @@ def test_s3_source_uses_the_endpoint_of_model_storage(tiny_checkpoint, s3_server
     local = resolve_model_source(f"s3://{s3_bucket}/models/elsewhere", cache=tmp_path,
                                  storage=S3Access(endpoint=s3_server.endpoint, credentials_secret="s3"))
     assert (local / "dit" / "config.json").is_file()
+
+
+def _fetch_in_a_process(source: str, cache: str, env: dict[str, str]) -> subprocess.Popen:
+    code = ("import sys; from longcat_trainer.model.sources import resolve_model_source; "
+            "print(resolve_model_source(sys.argv[1], cache=__import__('pathlib').Path(sys.argv[2])))")
+    return subprocess.Popen([sys.executable, "-c", code, source, cache], env=env, stdout=subprocess.PIPE, text=True)
+
+
+@pytest.mark.s3
+def test_processes_sharing_a_model_cache_fetch_each_file_once(tiny_checkpoint, s3_server, tmp_path):
+    """The ranks of a pod, and the pods of a node on one cache volume, fetch into one directory at once."""
+    bucket = s3_server.create_bucket()
+    upload_tree(s3_server.client(), bucket, "models/longcat", tiny_checkpoint)
+    files = sum(1 for p in tiny_checkpoint.rglob("*") if p.is_file())
+    env = {**os.environ, "AWS_ENDPOINT_URL": s3_server.endpoint, **s3_server.credentials.as_env()}
+    source, cache = f"s3://{bucket}/models/longcat", str(tmp_path / "cache")
+    before = s3_server.requests(bucket, "GET")
+
+    ranks = [_fetch_in_a_process(source, cache, env) for _ in range(4)]
+    roots = {rank.communicate(timeout=120)[0].strip() for rank in ranks}
+    assert all(rank.returncode == 0 for rank in ranks) and len(roots) == 1
+    assert s3_server.requests(bucket, "GET") - before == files  # each file once, whichever rank fetched it
+
+    restarted = _fetch_in_a_process(source, cache, env)  # the next gang attempt on the same volume
+    assert restarted.communicate(timeout=120)[0].strip() in roots and restarted.returncode == 0
+    assert s3_server.requests(bucket, "GET") - before == files  # nothing downloaded again

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import kopf
@@ -75,7 +76,8 @@ def test_job_runs_fails_restarts_and_succeeds(cluster, operator, namespace, s3_s
         "progress", {}).get("step") == 4 and s.get("phase") == "Training" and s)
     assert status["progress"]["stepDisplay"] == "4/10" and status["progress"]["loss"] == 0.25
     table = cluster.kubectl("get", "lcj", "train", "-n", namespace).stdout
-    assert "Training" in table and "4/10" in table and "0.25" in table
+    assert "Training" in table and "4/10" in table and "0.25" in table and "12m05s" in table
+    assert table.splitlines()[0].split()[:6] == ["NAME", "PHASE", "STEP", "LOSS", "ETA", "RESTARTS"]
 
     set_pod_phase(cluster, namespace, pods[1]["metadata"]["name"], "Failed", exit_code=137)
     status = wait_for("a gang restart",
@@ -159,20 +161,103 @@ def test_local_directories_are_refused_in_a_cluster(cluster, operator, namespace
     assert "spec.output.local" in validated["message"] and "longcat-i2v run" in validated["message"]
 
 
-def test_suspend_resume_and_delete(cluster, operator, namespace, s3_server, s3_bucket):
+def _conditions(status: dict) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in status.get("conditions", [])}
+
+
+def test_suspend_resume_run_succeed_and_delete(cluster, operator, namespace, s3_server, s3_bucket):
+    """Phase and conditions at every point of suspend -> resume -> running -> succeeded, then delete."""
     credentials_and_data(cluster, namespace, s3_server, s3_bucket)
     apply_job(cluster, namespace, s3_job("pause", s3_server, s3_bucket, nodes=1))
     wait_for("phase Launching", phase_is(cluster, namespace, "pause", "Launching"))
+    pod = wait_for("the pod", lambda: attempt_pods(cluster, namespace, "pause", 0))[0]
+    set_pod_phase(cluster, namespace, pod["metadata"]["name"], "Running")
+    running = wait_for("phase Caching", phase_is(cluster, namespace, "pause", "Caching"))
+    assert _conditions(running)["Running"] == ("True", "AllPodsRunning")
+
     cluster.kubectl("patch", "lcj", "pause", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}')
     wait_for("the Job suspended", lambda: get_json(cluster, "-n", namespace, "job", "pause-a0")["spec"]["suspend"])
-    wait_for("phase Suspended", phase_is(cluster, namespace, "pause", "Suspended"))
+    held = wait_for("phase Suspended", phase_is(cluster, namespace, "pause", "Suspended"))
+    assert _conditions(held)["Suspended"] == ("True", "JobSuspended")
+    assert _conditions(held)["Running"] == ("False", "Suspended")
+    generation = get_json(cluster, "-n", namespace, "lcj", "pause")["metadata"]["generation"]
+    assert next(c for c in held["conditions"] if c["type"] == "Suspended")["observedGeneration"] == generation
+
     cluster.kubectl("patch", "lcj", "pause", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":false}}')
     wait_for("the Job resumed", lambda: not get_json(cluster, "-n", namespace, "job", "pause-a0")["spec"]["suspend"])
+    resumed = wait_for("phase Launching", phase_is(cluster, namespace, "pause", "Launching"))
+    assert _conditions(resumed)["Suspended"] == ("False", "JobResumed")
+    # The Job controller deleted the suspended pod and makes a new one on resume.
+    pod = wait_for("a new pod", lambda: [p for p in attempt_pods(cluster, namespace, "pause", 0)
+                                         if p["metadata"]["name"] != pod["metadata"]["name"]
+                                         and not p["metadata"].get("deletionTimestamp")])[0]
+    set_pod_phase(cluster, namespace, pod["metadata"]["name"], "Running")
+    write_progress(s3_server, s3_bucket, "pause", "Training", 6)
+    training = wait_for("phase Training", phase_is(cluster, namespace, "pause", "Training"))
+    assert _conditions(training)["Running"] == ("True", "AllPodsRunning")
+    write_progress(s3_server, s3_bucket, "pause", "Succeeded", 10, lora=f"s3://{s3_bucket}/out/pause/lora")
+    set_pod_phase(cluster, namespace, pod["metadata"]["name"], "Succeeded", exit_code=0)
+    done = wait_for("phase Succeeded", phase_is(cluster, namespace, "pause", "Succeeded"), timeout=90)
+    assert _conditions(done)["Complete"] == ("True", "Succeeded") and "Failed" not in _conditions(done)
+    assert _conditions(done)["Suspended"] == ("False", "JobResumed")
 
     cluster.kubectl("delete", "lcj", "pause", "-n", namespace)
     for kind, name in (("job", "pause-a0"), ("service", "lcj-pause"), ("configmap", "pause-config")):
         wait_for(f"{kind} {name} garbage-collected", lambda: get_json(cluster, "-n", namespace, kind, name) is None)
     assert s3_server.client().head_object(Bucket=s3_bucket, Key="out/pause/manifest.json")
+
+
+def test_delete_with_the_operator_down_removes_the_job_and_its_gang(cluster, crd_installed, namespace, s3_server,
+                                                                     s3_bucket):
+    credentials_and_data(cluster, namespace, s3_server, s3_bucket)
+    with running_operator(cluster, namespace) as runner:
+        apply_job(cluster, namespace, s3_job("orphan", s3_server, s3_bucket, nodes=1))
+        wait_for("phase Launching", phase_is(cluster, namespace, "orphan", "Launching"))
+        wait_for("the pod", lambda: attempt_pods(cluster, namespace, "orphan", 0))
+        for _ in range(10):  # several timer passes (1 s apart): kopf would have added its finalizer by now
+            assert not get_json(cluster, "-n", namespace, "lcj", "orphan")["metadata"].get("finalizers")
+            time.sleep(0.3)
+    assert runner.exception is None, runner.exception
+
+    started = time.monotonic()
+    cluster.kubectl("delete", "lcj", "orphan", "-n", namespace, "--timeout=10s")  # returns: nothing blocks it
+    children = (("job", "orphan-a0"), ("service", "lcj-orphan"), ("configmap", "orphan-config"))
+    wait_for("the gang garbage-collected", lambda: all(get_json(cluster, "-n", namespace, kind, name) is None
+                                                       for kind, name in children), timeout=10)
+    wait_for("its pods gone", lambda: not attempt_pods(cluster, namespace, "orphan", 0),
+             timeout=10 - (time.monotonic() - started))
+    assert get_json(cluster, "-n", namespace, "lcj", "orphan") is None
+
+
+def _gang_objects(cluster: Cluster, namespace: str, name: str, attempt: int = 0) -> list[str]:
+    children = (("job", f"{name}-a{attempt}"), ("service", f"lcj-{name}"), ("configmap", f"{name}-config"))
+    return [kind for kind, child in children if get_json(cluster, "-n", namespace, kind, child) is not None]
+
+
+def test_ttl_after_finished_deletes_the_gang_and_keeps_the_job(cluster, operator, namespace, s3_server, s3_bucket):
+    credentials_and_data(cluster, namespace, s3_server, s3_bucket)
+    apply_job(cluster, namespace, s3_job("ttl", s3_server, s3_bucket, nodes=1, ttlSecondsAfterFinished=3))
+    pod = wait_for("the pod", lambda: attempt_pods(cluster, namespace, "ttl", 0))[0]
+    set_pod_phase(cluster, namespace, pod["metadata"]["name"], "Succeeded", exit_code=0)
+    wait_for("phase Succeeded", phase_is(cluster, namespace, "ttl", "Succeeded"), timeout=90)
+    assert _gang_objects(cluster, namespace, "ttl") == ["job", "service", "configmap"]  # kept until the TTL
+    status = wait_for("the TTL", lambda: (s := job_status(cluster, namespace, "ttl")) and any(
+        c["type"] == "GangDeleted" and c["status"] == "True" for c in s.get("conditions", [])) and s, timeout=30)
+    assert status["phase"] == "Succeeded"
+    wait_for("the gang's objects deleted", lambda: not _gang_objects(cluster, namespace, "ttl"), timeout=10)
+    assert get_json(cluster, "-n", namespace, "lcj", "ttl") is not None  # the record stays ...
+    assert s3_server.client().head_object(Bucket=s3_bucket, Key="out/ttl/manifest.json")  # ... and the artifacts
+
+
+def test_active_deadline_stops_the_gang_and_fails_the_job(cluster, operator, namespace, s3_server, s3_bucket):
+    credentials_and_data(cluster, namespace, s3_server, s3_bucket)
+    apply_job(cluster, namespace, s3_job("deadline", s3_server, s3_bucket, nodes=1, activeDeadlineSeconds=4))
+    pod = wait_for("the pod", lambda: attempt_pods(cluster, namespace, "deadline", 0))[0]
+    set_pod_phase(cluster, namespace, pod["metadata"]["name"], "Running")
+    status = wait_for("phase Failed", phase_is(cluster, namespace, "deadline", "Failed"), timeout=30)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "DeadlineExceeded" and "activeDeadlineSeconds=4" in failed["message"]
+    wait_for("the attempt's Job deleted", lambda: get_json(cluster, "-n", namespace, "job", "deadline-a0") is None)
 
 
 def test_operator_restart_during_launch_makes_one_job(cluster, crd_installed, namespace, s3_server, s3_bucket):

@@ -17,7 +17,7 @@ from longcat_job.api import JobStatus, LongCatI2VJob
 
 from . import gang, kube
 from . import status as transitions
-from .decide import Action, CountRestart, CreateAttempt, Decision, DeleteAttempts, Emit, SetSuspended
+from .decide import Action, CountRestart, CreateAttempt, Decision, DeleteAttempts, DeleteGang, Emit, SetSuspended
 from .metrics import GANG_RESTARTS, QUEUE_LATENCY
 from .settings import OperatorSettings
 
@@ -25,20 +25,23 @@ log = logging.getLogger(__name__)
 
 
 def apply(body: kopf.Body, job: LongCatI2VJob | None, old: JobStatus, decision: Decision,
-          settings: OperatorSettings, *, resource_version: str | None = None) -> bool:
-    """False when the status write was refused because the job changed since `resource_version` (nothing done).
+          settings: OperatorSettings, *, resource_version: str | None = None) -> str | None:
+    """The job's resourceVersion after the status write (`resource_version` when nothing was written), or None
+    when the write was refused because the job changed since `resource_version` (then nothing is done).
 
     `job` is None only for a document that is not a valid job: its decision holds no gang actions."""
     namespace, name = body.metadata.namespace, body.metadata.name
+    version = resource_version
     if decision.status != old:
         try:
-            kube.patch_status(namespace, name, transitions.dump(decision.status), resource_version=resource_version)
+            version = kube.patch_status(namespace, name, transitions.dump(decision.status),
+                                        resource_version=resource_version)
         except kube.Conflict:
             log.debug("%s/%s changed since this pass read it; the next pass decides again", namespace, name)
-            return False
+            return None
     for action in decision.actions:
         _run(action, body, job, settings)
-    return True
+    return version or ""
 
 
 def _run(action: Action, body: kopf.Body, job: LongCatI2VJob | None, settings: OperatorSettings) -> None:
@@ -52,6 +55,11 @@ def _run(action: Action, body: kopf.Body, job: LongCatI2VJob | None, settings: O
         case DeleteAttempts(numbers):
             for number in numbers:
                 kube.delete_job(namespace, gang.gang_name(name, number))
+        case DeleteGang(numbers):
+            for number in numbers:
+                kube.delete_job(namespace, gang.gang_name(name, number))
+            kube.delete_service(namespace, gang.service_name(name))
+            kube.delete_config_map(namespace, gang.config_map_name(name))
         case SetSuspended(number, suspended):
             kube.set_job_suspended(namespace, gang.gang_name(name, number), suspended)
         case Emit(type_, reason, message):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Literal
 
 from longcat_job.api import DatasetStatus, JobSpec, JobStatus, Phase
@@ -64,8 +65,9 @@ class PodExit:
 
     pod: str
     exit_code: int
-    reason: str | None = None
-    message: str | None = None
+    reason: str | None = None  # the kubelet's (Error, OOMKilled)
+    message: str | None = None  # the trainer's termination message, without its reason
+    failure: FailureReason | None = None  # the reason the trainer's termination message gave
 
     def describe(self, meaning: str = "see its log") -> str:
         """The trainer's termination message; when it left none (killed, out of memory), the code and `meaning`."""
@@ -86,6 +88,7 @@ class Observed:
     exits: tuple[PodExit, ...] = ()  # failed containers of the current attempt
     progress: TrainerProgress | None = None
     suspend_request: bool | None = None  # the spec.suspend change being handled (the field handler)
+    now: datetime | None = None  # the clock of timed passes (ttlSecondsAfterFinished, activeDeadlineSeconds)
 
 
 # --- what to do ----------------------------------------------------------------------------------------------
@@ -101,6 +104,13 @@ class CreateAttempt:
 @dataclass(frozen=True)
 class DeleteAttempts:
     """Delete these attempts' Jobs (and, in the background, their pods)."""
+
+    numbers: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DeleteGang:
+    """Delete these attempts' Jobs, the Service and the ConfigMap (a finished job's TTL)."""
 
     numbers: tuple[int, ...]
 
@@ -125,7 +135,7 @@ class CountRestart:
     """The gang-restart metric."""
 
 
-Action = CreateAttempt | DeleteAttempts | SetSuspended | Emit | CountRestart
+Action = CreateAttempt | DeleteAttempts | DeleteGang | SetSuspended | Emit | CountRestart
 
 
 @dataclass(frozen=True)
@@ -144,7 +154,7 @@ def decide(name: str, spec: JobSpec | None, status: JobStatus, observed: Observe
     """The next status and actions of job `name` (see the module docstring). `spec` is None only for a
     document that is not a valid job, which `observed.refusal` then says."""
     if status.phase in transitions.TERMINAL:
-        return Decision(status)
+        return _finished(spec, status, observed, generation)
     if observed.refusal is not None:
         return _refused(status, observed.refusal, generation)
     assert spec is not None, "a job without a valid spec comes with a refusal"
@@ -154,6 +164,29 @@ def decide(name: str, spec: JobSpec | None, status: JobStatus, observed: Observe
         # An operator that restarts resumes every launched job: its gang exists, or is made again.
         return Decision(status, (CreateAttempt(status.restarts),))
     return _running_gang(name, spec, status, observed, generation)
+
+
+def ttl_pending(ttl: int | None, status: JobStatus) -> bool:
+    """A finished job with a gang that spec.ttlSecondsAfterFinished (`ttl`) is still to remove."""
+    return (ttl is not None and status.phase in transitions.TERMINAL and transitions.is_true(status, transitions.LAUNCHED)
+            and not transitions.is_true(status, transitions.GANG_DELETED))
+
+
+def _finished(spec: JobSpec | None, status: JobStatus, observed: Observed, generation: int | None) -> Decision:
+    ttl = spec.ttl_seconds_after_finished if spec is not None else None
+    if ttl is None or not ttl_pending(ttl, status) or observed.now is None or status.completion_time is None:
+        return Decision(status)
+    if (observed.now - status.completion_time).total_seconds() < ttl:
+        return Decision(status)
+    numbers = tuple(sorted(observed.attempts or {}))
+    return Decision(transitions.gang_deleted(status, ttl, generation),
+                    (DeleteGang(numbers), Emit("Normal", "TTLExpired", f"gang deleted {ttl}s after the job finished")))
+
+
+def _deadline_passed(spec: JobSpec, status: JobStatus, now: datetime | None) -> bool:
+    deadline = spec.active_deadline_seconds
+    return (deadline is not None and now is not None and status.start_time is not None
+            and status.phase != Phase.SUSPENDED and (now - status.start_time).total_seconds() >= deadline)
 
 
 def _refused(status: JobStatus, refusal: Refusal, generation: int | None) -> Decision:
@@ -181,7 +214,14 @@ def _running_gang(name: str, spec: JobSpec, status: JobStatus, observed: Observe
     if any(number > current for number in attempts):
         return Decision(status)  # this status predates a restart that already happened: the next pass sees it
     if observed.suspend_request is not None:
-        return _suspend(status, attempts.get(current), observed.suspend_request)
+        return _suspend(status, attempts.get(current), observed.suspend_request, generation)
+    if _deadline_passed(spec, status, observed.now):
+        # Deleting the Jobs sends SIGTERM: the trainer saves a checkpoint within the grace period.
+        message = (f"the gang ran longer than spec.activeDeadlineSeconds={spec.active_deadline_seconds}; its pods "
+                   "were stopped (the trainer saves a checkpoint on SIGTERM)")
+        new = transitions.stopped(status, "DeadlineExceeded", message, generation)
+        return _with_phase_event(status, new, [DeleteAttempts(tuple(sorted(attempts))),
+                                               Emit("Warning", "DeadlineExceeded", message)])
     older = tuple(sorted(number for number in attempts if number < current))
     cleanup: tuple[Action, ...] = (DeleteAttempts(older),) if older else ()  # the second half of a restart
     base = status if observed.progress is None else transitions.mirrored(status, observed.progress)
@@ -203,7 +243,7 @@ def _current_attempt(spec: JobSpec, status: JobStatus, base: JobStatus, attempt:
     if attempt.failed:
         return _failed_gang(spec, status, base, observed, generation)
     if attempt.suspended:
-        return _with_phase_event(status, transitions.with_phase(base, Phase.SUSPENDED), [])
+        return _with_phase_event(status, transitions.suspending(base, generation), [])
     if observed.running_pods == spec.resources.nodes:
         reported = TRAINER_PHASES.get(observed.progress.phase) if observed.progress is not None else None
         phase = reported or (status.phase if status.phase in STARTED else Phase.CACHING)
@@ -236,6 +276,10 @@ def final_failure(attempt: int, max_restarts: int, observed: Observed) -> tuple[
     failure = observed.progress.failure if observed.progress is not None else None
     if failure is not None and failure.reason.permanent:
         return failure.reason.value, failure.message
+    # When progress.json could not be written (the output bucket refused), the termination message says why.
+    reported = next((e for e in observed.exits if e.failure is not None and e.failure.permanent), None)
+    if reported is not None and reported.failure is not None:
+        return reported.failure.value, reported.describe()
     config_exit = next((e for e in observed.exits if e.exit_code == ExitCode.CONFIG), None)
     if config_exit is not None:
         return FailureReason.BAD_INPUT.value, config_exit.describe("the job's configuration or data is wrong (see its log)")
@@ -248,11 +292,11 @@ def final_failure(attempt: int, max_restarts: int, observed: Observed) -> tuple[
     return None
 
 
-def _suspend(status: JobStatus, attempt: Attempt | None, suspended: bool) -> Decision:
+def _suspend(status: JobStatus, attempt: Attempt | None, suspended: bool, generation: int | None) -> Decision:
     # A restarted operator replays the field as changed when its diff-base was never stored: not a transition.
     if attempt is None or attempt.suspended == suspended:
         return Decision(status)
-    new = transitions.with_phase(status, Phase.SUSPENDED if suspended else Phase.LAUNCHING)
+    new = transitions.suspending(status, generation) if suspended else transitions.resuming(status, generation)
     event = Emit("Normal", "Suspended", "gang suspended") if suspended else Emit("Normal", "Resumed", "gang resumed")
     return Decision(new, (SetSuspended(status.restarts, suspended), event))
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from longcat_job.api import (
     GROUP,
+    MODEL_CACHE_ENV,
     SECRET_ACCESS_KEY_ID,
     SECRET_SECRET_ACCESS_KEY,
     LongCatI2VJob,
@@ -22,6 +23,8 @@ from .settings import OperatorSettings
 
 CONFIG_KEY = "job.json"
 CONFIG_DIR = "/etc/longcat"
+MODEL_CACHE_DIR = "/cache/models"
+HF_CACHE_ENV = "HF_HUB_CACHE"  # huggingface_hub's own cache, for hf:// sources
 LABEL_JOB = f"{GROUP}/job"
 LABEL_ATTEMPT = f"{GROUP}/attempt"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
@@ -52,7 +55,8 @@ def rendezvous_host(job_name: str, attempt: int) -> str:
     return f"{gang_name(job_name, attempt)}-0.{service_name(job_name)}"
 
 
-def _s3_accesses(job: LongCatI2VJob) -> list[tuple[str, S3Access]]:
+def s3_accesses(job: LongCatI2VJob) -> list[tuple[str, S3Access]]:
+    """(field path, access) of every S3 location of the job."""
     spec = job.spec
     found = [(f"spec.datasets[{i}].source.s3", d.source.s3) for i, d in enumerate(spec.datasets) if d.source.s3]
     found += [(f"spec.datasets[{i}].vaeCache.s3", d.vae_cache.s3) for i, d in enumerate(spec.datasets)
@@ -77,7 +81,7 @@ def local_locations(job: LongCatI2VJob) -> list[str]:
 
 def credentials_secret(job: LongCatI2VJob) -> str | None:
     """The one Secret every S3 location of the job uses; the pods get it as AWS_* variables."""
-    names = {access.credentials_secret for _, access in _s3_accesses(job) if access.credentials_secret}
+    names = {access.credentials_secret for _, access in s3_accesses(job) if access.credentials_secret}
     if len(names) > 1:
         raise GangError(
             f"the job's S3 locations name several credentials Secrets ({', '.join(sorted(names))}): a gang reads "
@@ -91,7 +95,7 @@ def resolved(job: LongCatI2VJob, settings: OperatorSettings) -> LongCatI2VJob:
     job = job.model_copy(deep=True)
     job.status = None
     if settings.default_s3_endpoint:
-        for _, access in _s3_accesses(job):
+        for _, access in s3_accesses(job):
             if access.endpoint is None:
                 access.endpoint = settings.default_s3_endpoint
     return job
@@ -160,6 +164,9 @@ def _trainer_env(job: LongCatI2VJob, settings: OperatorSettings, attempt: int) -
         env += [_secret_env(secret, SECRET_ACCESS_KEY_ID), _secret_env(secret, SECRET_SECRET_ACCESS_KEY)]
     if job.spec.model.hf_token_secret:
         env.append(_secret_env(job.spec.model.hf_token_secret, "HF_TOKEN"))
+    if job.spec.resources.model_cache:
+        env += [{"name": MODEL_CACHE_ENV, "value": MODEL_CACHE_DIR},
+                {"name": HF_CACHE_ENV, "value": f"{MODEL_CACHE_DIR}/huggingface"}]
     return env
 
 
@@ -207,6 +214,8 @@ def indexed_job(job: LongCatI2VJob, settings: OperatorSettings, owner: dict[str,
                 "image": resources.image or settings.trainer_image,
                 "command": torchrun_command(job, settings, attempt),
                 "env": _trainer_env(job, settings, attempt),
+                # The trainer writes `<reason>: <message>` there; a crash that left none shows its log's tail.
+                "terminationMessagePolicy": "FallbackToLogsOnError",
                 "ports": [
                     {"name": "metrics", "containerPort": settings.metrics_port},
                     {"name": "rendezvous", "containerPort": settings.rendezvous_port},
@@ -230,6 +239,10 @@ def indexed_job(job: LongCatI2VJob, settings: OperatorSettings, owner: dict[str,
             {"name": "scratch", "emptyDir": {}},
         ],
     }
+    if resources.model_cache:
+        pod_spec["volumes"].append(
+            {"name": "model-cache", "persistentVolumeClaim": {"claimName": resources.model_cache.claim_name}})
+        pod_spec["containers"][0]["volumeMounts"].append({"name": "model-cache", "mountPath": MODEL_CACHE_DIR})
     if resources.node_selector:
         pod_spec["nodeSelector"] = dict(resources.node_selector)
     if resources.tolerations:

@@ -98,11 +98,23 @@ def read_job(namespace: str, name: str) -> Any | None:
 
 def delete_job(namespace: str, name: str) -> None:
     """Deletes a gang attempt and, in the background, its pods."""
+    _ignore_missing(functools.partial(batch().delete_namespaced_job, propagation_policy="Background"), name, namespace)
+
+
+def _ignore_missing(delete: Any, name: str, namespace: str) -> None:
     try:
-        batch().delete_namespaced_job(name, namespace, propagation_policy="Background")
+        delete(name, namespace)
     except ApiException as exc:
         if exc.status != 404:
             raise
+
+
+def delete_service(namespace: str, name: str) -> None:
+    _ignore_missing(core().delete_namespaced_service, name, namespace)
+
+
+def delete_config_map(namespace: str, name: str) -> None:
+    _ignore_missing(core().delete_namespaced_config_map, name, namespace)
 
 
 def set_job_suspended(namespace: str, name: str, suspended: bool) -> None:
@@ -115,6 +127,16 @@ def pods_of(namespace: str, selector: str) -> list[Any]:
 
 def jobs_of(namespace: str, selector: str) -> list[Any]:
     return batch().list_namespaced_job(namespace, label_selector=selector).items
+
+
+def may_get_secret(namespace: str, name: str, user: dict[str, Any]) -> bool:
+    """Whether `user` (an admission request's userInfo) may `get` Secret `name`: a SubjectAccessReview."""
+    review = client.V1SubjectAccessReview(spec=client.V1SubjectAccessReviewSpec(
+        user=user.get("username"), groups=user.get("groups"), uid=user.get("uid"), extra=user.get("extra"),
+        resource_attributes=client.V1ResourceAttributes(namespace=namespace, verb="get", resource="secrets",
+                                                         name=name),
+    ))
+    return bool(client.AuthorizationV1Api(api_client()).create_subject_access_review(review).status.allowed)
 
 
 def read_credentials(namespace: str, secret_name: str) -> S3Credentials:
@@ -131,17 +153,19 @@ def read_credentials(namespace: str, secret_name: str) -> S3Credentials:
     return S3Credentials.from_secret_data(secret.data, secret_name)
 
 
-def patch_status(namespace: str, name: str, status: dict[str, Any], *, resource_version: str | None = None) -> None:
-    """Merges `status` into the job's status. With `resource_version`, only if the job is still at that version
-    (the API server checks it as for an update): otherwise raises Conflict and writes nothing."""
+def patch_status(namespace: str, name: str, status: dict[str, Any], *, resource_version: str | None = None) -> str:
+    """Merges `status` into the job's status and returns the job's new resourceVersion. With `resource_version`,
+    only if the job is still at that version (the API server checks it as for an update): otherwise raises
+    Conflict and writes nothing."""
     body: dict[str, Any] = {"status": status}
     if resource_version is not None:
         body["metadata"] = {"resourceVersion": resource_version}
     try:
-        client.CustomObjectsApi(api_client()).patch_namespaced_custom_object_status(
+        written = client.CustomObjectsApi(api_client()).patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, name, body
         )
     except ApiException as exc:
         if exc.status == 409:
             raise Conflict(f"{namespace}/{name} changed since resourceVersion {resource_version}") from None
         raise
+    return str(written["metadata"]["resourceVersion"])

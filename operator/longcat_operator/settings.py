@@ -21,8 +21,18 @@ class OperatorSettings(BaseModel):
         60, gt=0, description="How long a silent replica keeps the lead before a standby takes over."
     )
 
+    allowed_s3_endpoints: str = Field(
+        "", description="Comma-separated S3 endpoint URLs that jobs may name besides the default endpoint and AWS's "
+        "own (https://s3.<region>.amazonaws.com); '*' allows any. Link-local and cloud metadata addresses are "
+        "refused whatever this says.",
+    )
+
     webhook_port: int | None = Field(None, description="Serve the validating webhook on this port (TLS).")
     webhook_cert_dir: str = Field("/etc/longcat/webhook", description="Holds the webhook's tls.crt and tls.key.")
+
+    @property
+    def allowed_endpoints(self) -> frozenset[str]:
+        return frozenset(e.strip().rstrip("/") for e in self.allowed_s3_endpoints.split(",") if e.strip())
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:

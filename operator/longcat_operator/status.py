@@ -21,6 +21,8 @@ LAUNCHED = "Launched"
 RUNNING = "Running"
 COMPLETE = "Complete"
 FAILED = "Failed"
+SUSPENDED = "Suspended"  # as a Job's: True while spec.suspend holds the gang's pods away
+GANG_DELETED = "GangDeleted"  # spec.ttlSecondsAfterFinished removed the finished gang's objects
 
 # Longest message kept in a condition; preflight reports can list many problems.
 MAX_MESSAGE = 4000
@@ -106,20 +108,33 @@ def launched(
 ) -> JobStatus:
     status = with_condition(status, DATASET_READY, "True", "PreflightPassed", sample_counts(datasets), generation)
     status = with_condition(status, LAUNCHED, "True", "GangCreated", f"Job {gang} with {nodes} pods", generation)
-    return status.model_copy(update={
-        "phase": Phase.SUSPENDED if suspended else Phase.LAUNCHING, "observed_generation": generation,
+    status = status.model_copy(update={
+        "phase": Phase.LAUNCHING, "observed_generation": generation,
         "restarts": 0, "start_time": now(), "artifacts": Artifacts(manifest=manifest), "datasets": datasets,
     })
+    return suspending(status, generation) if suspended else status
 
 
 # --- a running gang ----------------------------------------------------------------------------------------------
 
 
+def duration(seconds: float) -> str:
+    """45s, 12m05s, 3h07m: what kubectl shows as the ETA."""
+    whole = max(0, round(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
 def mirrored(status: JobStatus, progress: TrainerProgress) -> JobStatus:
     """progress.json's step, loss, rate, ETA and artifacts in the status (`step` as step/max for kubectl)."""
-    shown = progress.progress.model_copy(
-        update={"step_display": f"{progress.progress.step}/{progress.progress.max_steps}"}
-    )
+    eta = progress.progress.eta_seconds
+    shown = progress.progress.model_copy(update={
+        "step_display": f"{progress.progress.step}/{progress.progress.max_steps}",
+        "eta_display": duration(eta) if eta is not None else None,
+    })
     reported = progress.artifacts.model_dump(exclude_none=True)
     artifacts = (status.artifacts or Artifacts()).model_copy(update=reported)
     return status.model_copy(update={"progress": shown, "artifacts": artifacts})
@@ -137,6 +152,27 @@ def stopped(status: JobStatus, reason: str, message: str, generation: int | None
     status = with_condition(status, RUNNING, "False", reason, message, generation)
     status = with_condition(status, FAILED, "True", reason, message, generation)
     return status.model_copy(update={"phase": Phase.FAILED, "completion_time": now()})
+
+
+def gang_deleted(status: JobStatus, ttl_s: int, generation: int | None) -> JobStatus:
+    return with_condition(status, GANG_DELETED, "True", "TTLExpired",
+                          f"the gang's Jobs, Service and ConfigMap were deleted {ttl_s}s after the job finished "
+                          "(spec.ttlSecondsAfterFinished); its artifacts stay in the output location", generation)
+
+
+def suspending(status: JobStatus, generation: int | None) -> JobStatus:
+    status = with_condition(status, SUSPENDED, "True", "JobSuspended", "spec.suspend is true: the gang's pods are "
+                            "stopped, its checkpoints stay", generation)
+    if condition(status, RUNNING) is not None:
+        status = with_condition(status, RUNNING, "False", "Suspended", "the gang is suspended", generation)
+    return with_phase(status, Phase.SUSPENDED)
+
+
+def resuming(status: JobStatus, generation: int | None) -> JobStatus:
+    """Resuming restarts the active-deadline clock (start_time), as a Job's resume does."""
+    status = with_condition(status, SUSPENDED, "False", "JobResumed", "the gang resumes from its last checkpoint",
+                            generation)
+    return status.model_copy(update={"phase": Phase.LAUNCHING, "start_time": now()})
 
 
 def restarting(status: JobStatus, max_restarts: int, generation: int | None) -> JobStatus:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from longcat_job import s3
-from longcat_job.failures import EXIT_CODE_FILE_ENV, ExitCode, FailureReason, Outcome, classify
+from longcat_job.failures import EXIT_CODE_FILE_ENV, ExitCode, FailureReason, Outcome, classify, termination_message
 from longcat_job.parse import InvalidJob, parse_job
 
 # Kubernetes mounts this file and shows its text as the container's termination message.
@@ -27,7 +27,7 @@ def _terminate(outcome: Outcome) -> int:
     # An error worth a restart gets its traceback in the log; bad input and configuration only their message.
     logging.getLogger("longcat_trainer").error("%s", outcome.message, exc_info=outcome.reason is FailureReason.ERROR)
     if TERMINATION_LOG.is_file():  # only in a pod: never create files under /dev elsewhere
-        TERMINATION_LOG.write_text(outcome.message[:4000])  # Kubernetes keeps at most 4 KiB
+        TERMINATION_LOG.write_text(termination_message(outcome))
     if exit_file := os.environ.get(EXIT_CODE_FILE_ENV):
         Path(exit_file).write_text(str(int(outcome.exit_code)))
     return outcome.exit_code

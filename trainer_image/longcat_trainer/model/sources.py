@@ -9,11 +9,14 @@ Only the five folders of the layout are fetched. No torch here: the operator's p
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -27,14 +30,13 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from longcat_job.api import Location, S3Access, S3Location
+from longcat_job.api import MODEL_CACHE_ENV, Location, S3Access, S3Location
 from longcat_job.failures import InvalidConfigError
 from longcat_job.storage import ObjectRecord, ObjectStore, store_for
 
 log = logging.getLogger(__name__)
 
 SUBFOLDERS = ("dit", "vae", "text_encoder", "tokenizer", "scheduler")
-CACHE_ENV = "LONGCAT_MODEL_CACHE"
 DEFAULT_CACHE = Path.home() / ".cache" / "longcat-i2v" / "models"
 CACHE_MANIFEST = ".longcat-source.json"
 PROGRESS_EVERY_S = 10.0
@@ -69,7 +71,7 @@ class ModelSource:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+    return Path(os.environ.get(MODEL_CACHE_ENV) or DEFAULT_CACHE)
 
 
 def resolve_local(path: str) -> Path:
@@ -130,8 +132,40 @@ def _is_cached(target: Path, manifest: dict[str, list], record: ObjectRecord) ->
     return manifest.get(record.key) == [record.size, record.etag] and path.is_file() and path.stat().st_size == record.size
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """One process at a time per cached model: the ranks of a pod, and the pods of a node sharing the cache
+    volume, queue here; those after the first find the files complete and fetch nothing."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("model cache %s: another process is fetching; waiting for it", lock_path.parent)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_manifest(target: Path, manifest: dict[str, list]) -> None:
+    # Written whole and renamed: a process killed mid-write leaves the previous manifest, never half of one.
+    partial = target / f"{CACHE_MANIFEST}.partial"
+    partial.write_text(json.dumps(manifest, indent=0, sort_keys=True))
+    partial.replace(target / CACHE_MANIFEST)
+
+
 def fetch_store(store: ObjectStore, cache: Path) -> Path:
-    """Copy the layout's folders of a store into cache/<hash of its url>/, once.
+    """Copy the layout's folders of a store into cache/<hash of its url>/, once (see `_fetch`), holding that
+    model's lock."""
+    target = _cache_dir_for(store, cache)
+    with _exclusive(target.with_name(target.name + ".lock")):
+        return _fetch(store, target)
+
+
+def _fetch(store: ObjectStore, target: Path) -> Path:
+    """Copy the layout's folders of a store into `target`.
 
     The cache's manifest records size and ETag of each file after it is complete. A file is reused when the
     store still lists it with the same size and ETag and the local file has that size; anything else is
@@ -145,7 +179,6 @@ def fetch_store(store: ObjectStore, cache: Path) -> Path:
             f"model source {store.url}: no {', '.join(m + '/' for m in missing)} under it; upload the checkpoint "
             f"with its folders {', '.join(s + '/' for s in SUBFOLDERS)}"
         )
-    target = _cache_dir_for(store, cache)
     manifest = {key: entry for key, entry in _read_manifest(target).items() if key in listing}
     todo = [record for key, record in sorted(listing.items()) if not _is_cached(target, manifest, record)]
     for folder in SUBFOLDERS:
@@ -170,7 +203,7 @@ def fetch_store(store: ObjectStore, cache: Path) -> Path:
             )
         partial.replace(dest)
         manifest[record.key] = [record.size, record.etag]
-        (target / CACHE_MANIFEST).write_text(json.dumps(manifest, indent=0, sort_keys=True))
+        _write_manifest(target, manifest)
         done += record.size
         now = time.monotonic()
         if now - last_report >= PROGRESS_EVERY_S or done == total:
