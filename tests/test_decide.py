@@ -114,8 +114,6 @@ CASES = [
          conditions={"DatasetReady": ("True", "PreflightPassed"), "Launched": ("True", "GangCreated")}),
     Case("launch suspended", validating(), Observed(preflight=Preflight(DATASETS, "s3://m")), Phase.SUSPENDED,
          (CreateAttempt(0), "Launched"), spec=spec(suspend=True)),
-    Case("operator resumed: the gang made again if missing", launched(1), Observed(), Phase.LAUNCHING,
-         (CreateAttempt(1),), restarts=1),
     Case("pods starting", launched(), Observed(attempts={0: RUNNING}, running_pods=1), Phase.LAUNCHING),
     Case("all pods running, trainer caching", launched(), Observed(attempts={0: RUNNING}, running_pods=2,
                                                                    progress=progress("Caching", 0)),

@@ -79,7 +79,8 @@ class PodExit:
 
 @dataclass(frozen=True)
 class Observed:
-    """What reading found. `attempts` is None where the pass does not look at the gang (launch)."""
+    """What reading found. `attempts` is None where the pass does not look at the gang (launch); a launched job's
+    pass always looks."""
 
     refusal: Refusal | None = None  # the spec cannot run (invalid, local directories, several Secrets)
     preflight: Preflight | None = None
@@ -160,9 +161,6 @@ def decide(name: str, spec: JobSpec | None, status: JobStatus, observed: Observe
     assert spec is not None, "a job without a valid spec comes with a refusal"
     if not transitions.is_true(status, transitions.LAUNCHED):
         return _launch(name, spec, status, observed.preflight, generation)
-    if observed.attempts is None:
-        # An operator that restarts resumes every launched job: its gang exists, or is made again.
-        return Decision(status, (CreateAttempt(status.restarts),))
     return _running_gang(name, spec, status, observed, generation)
 
 
