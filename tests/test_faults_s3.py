@@ -28,7 +28,7 @@ from kubernetes.client import (
     V1PodStatus,
 )
 
-from longcat_job.failures import ExitCode
+from longcat_job.failures import ExitCode, FailureReason, parse_termination_message
 from longcat_job.progress import TrainerProgress
 from longcat_job.s3 import S3AccessError
 from longcat_job.storage import S3Store
@@ -207,9 +207,11 @@ def test_persistent_outage_fails_naming_the_bucket_in_the_job_status(
     message = trainer.termination_log.read_text()
     assert f"output (spec.output): bucket '{trainer.bucket}'" in message and "cannot be reached" in message
     assert secret not in message
+    reason, text = parse_termination_message(message)
+    assert reason == FailureReason.ERROR  # an outage: worth the restarts
     observed = Observed(exits=read.pod_exits([failed_pod("tiny-a2-0", 1, message)]))
     assert final_failure(2, 2, observed) == (
-        "MaxRestartsExceeded", f"the gang failed 3 times (maxRestarts 2); last error: {message}")
+        "MaxRestartsExceeded", f"the gang failed 3 times (maxRestarts 2); last error: {text}")
 
 
 def test_given_up_gang_names_the_trainers_failure_else_the_pods() -> None:

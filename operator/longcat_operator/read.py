@@ -124,8 +124,12 @@ def preflight(job: LongCatI2VJob, credentials: S3Credentials | None) -> Prefligh
         result = run_preflight(job.spec, credentials=_lookup(credentials))
     datasets = [d.to_status() for d in result.report.datasets]
     if not result.report.ok:
-        reasons = {p.kind.value for d in result.report.datasets for p in d.problems if p.severity == "error"}
+        # What stopped the job: its blocking problems, or else the kinds of the samples there were too many of.
+        problems = [p for d in result.report.datasets for p in d.problems]
+        reasons = {p.kind.value for p in problems if p.severity == "error"}
         reasons |= {"access" for d in result.report.datasets if d.access_error}
+        if not reasons and result.report.too_many_unusable:
+            reasons = {p.kind.value for p in problems if p.severity == "sample"}
         for reason in reasons or {"unknown"}:
             PREFLIGHT_FAILURES.labels(reason=reason).inc()
         refusal = Refusal(DATASET_READY, "PreflightFailed", "\n".join(result.report.lines()), datasets)
