@@ -8,6 +8,8 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.env
 source "$here/versions.env"
+# shellcheck source=find-go.sh
+source "$here/find-go.sh"
 cache="${LONGCAT_CACHE:-$HOME/.cache/longcat-i2v}"
 dest="$cache/coredns-$COREDNS_VERSION"
 if [[ -x "$dest/coredns" ]]; then

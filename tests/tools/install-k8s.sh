@@ -15,6 +15,8 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.env
 source "$here/versions.env"
+# shellcheck source=find-go.sh
+source "$here/find-go.sh"
 
 version="$KUBERNETES_VERSION"
 cache="${LONGCAT_CACHE:-$HOME/.cache/longcat-i2v}"
