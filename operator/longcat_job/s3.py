@@ -59,8 +59,6 @@ OPERATOR = RetryBudget(max_attempts=5, connect_timeout=5.0, read_timeout=60.0)
 TRAINER = RetryBudget(max_attempts=18, connect_timeout=5.0, read_timeout=60.0, client_per_thread=True)
 # Every client this process makes uses this budget; the trainer's entry point switches it with `use_budget`.
 _budget = OPERATOR
-MAX_CLIENTS = 256
-_clients: dict[tuple, Any] = {}  # shared_client's, oldest first
 _CACHE_LOCK = threading.Lock()
 _SESSION_LOCK = threading.Lock()
 
@@ -139,7 +137,7 @@ def use_budget(budget: RetryBudget) -> None:
     global _budget
     _budget = budget
     with _CACHE_LOCK:
-        _clients.clear()
+        _cached_client.cache_clear()
 
 
 def client_config(budget: RetryBudget | None = None, **overrides: float) -> Config:
@@ -193,17 +191,10 @@ def shared_client(endpoint: str | None, region: str | None, credentials: S3Crede
     Building a client parses botocore's service model: about 0.1 s of CPU, which an operator reading
     progress.json of hundreds of jobs every few seconds cannot spend each time.
     """
-    key = (endpoint, region, credentials, threading.get_ident() if _budget.client_per_thread else None)
-    found = _clients.get(key)
-    if found is None:
-        # One builder per key: a burst of threads that all miss would each build the same client (seconds of CPU).
-        with _CACHE_LOCK:
-            found = _clients.get(key)
-            if found is None:
-                found = _clients[key] = make_client(endpoint, region, credentials)
-                while len(_clients) > MAX_CLIENTS:
-                    _clients.pop(next(iter(_clients)))
-    return found
+    thread = threading.get_ident() if _budget.client_per_thread else None
+    # One builder at a time: a burst of threads that all missed would each build the same client (seconds of CPU).
+    with _CACHE_LOCK:
+        return _cached_client(endpoint, region, credentials, thread)
 
 
 class ThreadClient:
@@ -220,6 +211,13 @@ class ThreadClient:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(shared_client(*self._key), name)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_client(
+    endpoint: str | None, region: str | None, credentials: S3Credentials | None, thread: int | None
+) -> Any:
+    return make_client(endpoint, region, credentials)
 
 
 @functools.cache

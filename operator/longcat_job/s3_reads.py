@@ -9,6 +9,7 @@ errors worded as `s3.access_error` words them.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from datetime import timedelta
@@ -25,29 +26,27 @@ from .s3 import DEFAULT_REGION, ENDPOINT_URL, REGION, S3AccessError, S3Credentia
 RETRY = {"max_retries": 4, "retry_timeout": timedelta(seconds=30)}
 
 
-_stores: dict[tuple, ObstoreS3] = {}
 _STORES_LOCK = threading.Lock()
-MAX_STORES = 64
 
 
 def _store(bucket: str, endpoint: str | None, region: str, credentials: S3Credentials | None) -> ObstoreS3:
     """One client per bucket, endpoint, region and credentials: making one (TLS roots, HTTP pool) costs more CPU
     than the few reads a small job's preflight makes with it."""
-    key = (bucket, endpoint, region, credentials)
     with _STORES_LOCK:
-        if key not in _stores:
-            config: dict[str, Any] = {"region": region, "virtual_hosted_style_request": False}
-            if endpoint:
-                config["endpoint"] = endpoint
-            if credentials is not None:
-                config["access_key_id"] = credentials.access_key_id
-                config["secret_access_key"] = credentials.secret_access_key.get_secret_value()
-                if credentials.session_token is not None:
-                    config["session_token"] = credentials.session_token.get_secret_value()
-            _stores[key] = ObstoreS3(bucket, config=config, client_options={"allow_http": True}, retry_config=RETRY)
-            while len(_stores) > MAX_STORES:
-                _stores.pop(next(iter(_stores)))
-        return _stores[key]
+        return _cached_store(bucket, endpoint, region, credentials)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_store(bucket: str, endpoint: str | None, region: str, credentials: S3Credentials | None) -> ObstoreS3:
+    config: dict[str, Any] = {"region": region, "virtual_hosted_style_request": False}
+    if endpoint:
+        config["endpoint"] = endpoint
+    if credentials is not None:
+        config["access_key_id"] = credentials.access_key_id
+        config["secret_access_key"] = credentials.secret_access_key.get_secret_value()
+        if credentials.session_token is not None:
+            config["session_token"] = credentials.session_token.get_secret_value()
+    return ObstoreS3(bucket, config=config, client_options={"allow_http": True}, retry_config=RETRY)
 
 
 class SmallReads:

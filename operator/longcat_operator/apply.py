@@ -56,8 +56,7 @@ def _run(action: Action, body: kopf.Body, job: LongCatI2VJob | None, settings: O
             for number in numbers:
                 kube.delete_job(namespace, gang.gang_name(name, number))
         case DeleteGang(numbers):
-            for number in numbers:
-                kube.delete_job(namespace, gang.gang_name(name, number))
+            _run(DeleteAttempts(numbers), body, job, settings)
             kube.delete_service(namespace, gang.service_name(name))
             kube.delete_config_map(namespace, gang.config_map_name(name))
         case SetSuspended(number, suspended):
