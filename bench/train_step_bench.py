@@ -5,8 +5,14 @@ copy), adds the spec's LoRA (rank 8 on qkv, proj, q_linear, kv_linear by default
 step: `flow.training_loss` (frame 0 clean at t = 0, loss on frames 1..), backward, gradient clipping,
 AdamW. Each configuration runs in the same process, so their ratio is measured on the same card:
 
-    baseline   eager, SDPA's default kernel choice, every block checkpointed (recomputed whole)
-    variants   the optimizations of --variants, each measured on its own (e.g. cudnn+compile+sac)
+    baseline   eager, SDPA's default kernel choice, every block checkpointed (recomputed whole), peft's float32
+               adapter math: the code as it was before any of the optimizations
+    variants   the optimizations of --variants, each measured on its own; `compile+sac` is the trainer's default
+               (model/prepare.py: regional compile, as many blocks keeping attention as the card holds, adapter
+               products in bf16)
+
+Each compiled configuration is traced afresh (dynamo reset), and its first step fails loudly if it traced no
+graph of its own.
 
 Every configuration starts from the same LoRA initialisation and draws the same sigmas and noise, so the
 printed losses of two configurations are one loss curve computed two ways (--steps 20 --warmup 0 gives the
@@ -43,7 +49,7 @@ sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "trainer_image")]
 
 from longcat_job.api import LoraSpec  # noqa: E402
 from longcat_trainer import flow, lora  # noqa: E402
-from longcat_trainer.model import quantize  # noqa: E402
+from longcat_trainer.model import quantize, recompute  # noqa: E402
 from longcat_trainer.model.dit import LongCatVideoTransformer3DModel  # noqa: E402
 from longcat_trainer.model.prepare import BlockPlan  # noqa: E402
 
@@ -116,11 +122,12 @@ class Config:
     compiled: bool = False
     kept_attention: str = "0"  # blocks keeping their self-attention output: a number or "plan" (by memory)
     quantization: str | None = None
+    fp32_adapters: bool = False  # peft's own adapter math (float32 copies of the activations)
 
     @classmethod
     def parse(cls, variant: str) -> Config:
         options = variant.split("+")
-        known = {"default", "cudnn", "flash", "efficient", "compile", "sac", *QUANTIZATION}
+        known = {"default", "cudnn", "flash", "efficient", "compile", "sac", "fp32lora", *QUANTIZATION}
         unknown = [o for o in options if o not in known and not (o.startswith("sac") and o[3:].isdigit())]
         if unknown:
             raise SystemExit(f"--variants: {variant!r} has unknown options {unknown}")
@@ -131,34 +138,38 @@ class Config:
             compiled="compile" in options,
             kept_attention="0" if sac is None else (sac[3:] or "plan"),
             quantization=next((QUANTIZATION[o] for o in options if o in QUANTIZATION), None),
+            fp32_adapters="fp32lora" in options,
         )
 
 
 def kept_attention_blocks(model, config: Config, tokens: int, device) -> int:
-    """'sacN': N; 'sac': as many blocks as fit in 3/4 of the card (the rest for fragmentation and the sampler).
-
-    Memory model: weights etc. (allocated now) + every block's saved input + one block's backward working set
-    (~34 [tokens, hidden] tensors, fitted on the H100 at 33/61/93 frames) + per kept block its attention
-    output and float32 log-sum-exp.
-    """
+    """'sacN': N; 'sac': the trainer's plan (as many blocks as fit in 3/4 of the card, recompute.py)."""
     if config.kept_attention != "plan":
         return int(config.kept_attention)
-    if device.type != "cuda":
-        return len(model.blocks)
-    width = model.config.hidden_size * model.x_embedder.proj.weight.element_size()
-    depth = len(model.blocks)
-    budget = 0.75 * torch.cuda.mem_get_info(device)[1]
-    needed = torch.cuda.memory_allocated(device) + tokens * width * (depth + 34)
-    per_block = tokens * (width + 4 * model.config.num_heads)
-    return int(max(0, min(depth, (budget - needed) // per_block)))
+    return recompute.attention_blocks_that_fit(model, tokens, device)
 
 
-def apply_plan(model, config: Config, kept: int) -> None:
-    """The trainer's block plan (checkpointing always on, as in training) for this configuration, traced afresh:
-    dynamo guards neither on the SDPA kernel nor on a checkpointing policy, so a graph compiled for an earlier
-    configuration would otherwise be reused."""
+def traced_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def apply_plan(model, config: Config, kept: int) -> int:
+    """The trainer's block plan (checkpointing always on, as in training) and adapter math for this
+    configuration, traced afresh: dynamo guards neither on the SDPA kernel nor on a checkpointing policy, so a
+    graph compiled for an earlier configuration would otherwise be reused (check_traced_fresh tells). Returns
+    the count of graphs traced so far."""
     torch._dynamo.reset()
+    lora.set_adapter_math(model, in_input_dtype=not config.fp32_adapters)
     BlockPlan(checkpointing=True, attention_kept_blocks=kept, compile=config.compiled).apply(model)
+    return traced_graphs()
+
+
+def check_traced_fresh(config: Config, graphs_before: int) -> None:
+    """Fails loudly when a compiled configuration's first step traced no graph of its own: it then ran a
+    region compiled under another kernel choice or checkpointing policy, and its figures would be that one's."""
+    if config.compiled and traced_graphs() == graphs_before:
+        raise SystemExit(f"{config.name}: its first step traced no graph, so it reused one compiled for an earlier "
+                         "configuration (dynamo does not guard on the SDPA kernel or the checkpointing policy)")
 
 
 def random_batch(model, shape: Shape, args, g: torch.Generator, device) -> tuple[torch.Tensor, ...]:
@@ -172,26 +183,40 @@ def random_batch(model, shape: Shape, args, g: torch.Generator, device) -> tuple
     return clip, text, mask
 
 
+def trained_like(initial_lora: dict, g: torch.Generator) -> dict:
+    """Adapters as after some training (B != 0): from B = 0, Adam's first steps are about lr * sign(g) per
+    element, so rounding-level differences between configurations become full-size steps."""
+    return {k: v if "lora_A" in k else 1e-3 * torch.randn(v.shape, generator=g) for k, v in initial_lora.items()}
+
+
 def run_config(model, shape: Shape, args, config: Config, initial_lora: dict, device) -> dict:
+    """Times the step; with --overfit, trains one fixed batch at one sigma from trained-like adapters instead
+    (a loss curve that tells the numerics of two configurations apart)."""
     dtype = model.x_embedder.proj.weight.dtype
-    lora.load_lora_state(model, initial_lora)  # every configuration trains from the same adapters
+    g = torch.Generator(device="cpu").manual_seed(0)
+    # every configuration trains from the same adapters
+    lora.load_lora_state(model, trained_like(initial_lora, g) if args.overfit else initial_lora)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     t, h, w = shape.latent()
-    g = torch.Generator(device="cpu").manual_seed(0)
     clip, text, mask = random_batch(model, shape, args, g, device)
+    fixed_sigma = torch.tensor([0.6], device=device)
+    fixed_noise = torch.randn(clip.shape, generator=g).to(device)
     start = clip[:, :, :1].clone()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     kept = kept_attention_blocks(model, config, t * (h // 2) * (w // 2), device)
-    apply_plan(model, config, kept)
+    graphs = apply_plan(model, config, kept)
     times, losses = [], []
     with attention_context(config.attention):
         for step in range(args.warmup + args.steps):
-            sigma = flow.sample_sigmas(1, 12.0, g).to(device)
-            noise = torch.randn(clip.shape, generator=g).to(device)
+            if args.overfit:
+                sigma, noise = fixed_sigma, fixed_noise
+            else:
+                sigma = flow.sample_sigmas(1, 12.0, g).to(device)
+                noise = torch.randn(clip.shape, generator=g).to(device)
             sync()
             began = time.perf_counter()
             loss = flow.training_loss(model, clip, start, text, mask, sigma, noise, dtype)
@@ -202,6 +227,8 @@ def run_config(model, shape: Shape, args, config: Config, initial_lora: dict, de
             sync()
             times.append(time.perf_counter() - began)
             losses.append(loss.item())
+            if step == 0:
+                check_traced_fresh(config, graphs)
     if args.profile and device.type == "cuda":
         profile_step(lambda: flow.training_loss(model, clip, start, text, mask, sigma, noise, dtype).backward(),
                      config)
@@ -233,13 +260,12 @@ def lora_gradient(model, shape: Shape, args, config: Config, initial_lora: dict,
     different attention kernel does (rounding), independent of how the optimizer amplifies differences.
     """
     g = torch.Generator(device="cpu").manual_seed(1)
-    state = {k: v if "lora_A" in k else 1e-3 * torch.randn(v.shape, generator=g) for k, v in initial_lora.items()}
-    lora.load_lora_state(model, state)
+    lora.load_lora_state(model, trained_like(initial_lora, g))
     t, h, w = shape.latent()
     clip, text, mask = random_batch(model, shape, args, g, device)
     sigma, noise = torch.tensor([0.6], device=device), torch.randn(clip.shape, generator=g).to(device)
     kept = kept_attention_blocks(model, config, t * (h // 2) * (w // 2), device)
-    apply_plan(model, config, kept)
+    graphs = apply_plan(model, config, kept)
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     with attention_context(config.attention):
         for _ in range(2):  # the first call compiles
@@ -247,6 +273,7 @@ def lora_gradient(model, shape: Shape, args, config: Config, initial_lora: dict,
                 p.grad = None
             flow.training_loss(model, clip, clip[:, :, :1], text, mask, sigma, noise,
                                model.x_embedder.proj.weight.dtype).backward()
+            check_traced_fresh(config, graphs)
     return torch.cat([p.grad.float().flatten().cpu() for p in params])
 
 
@@ -262,13 +289,17 @@ def main() -> None:
     parser.add_argument("--variants", default="cudnn+compile,cudnn+compile+sac",
                         help="optimized configurations, each '+'-joined from: an attention kernel (default, cudnn, "
                         "flash, efficient), 'compile' (torch.compile each block), 'sac' (blocks keep their "
-                        "self-attention output, as many as fit in 3/4 of the card; 'sacN': N blocks), 'fp8' or "
+                        "self-attention output, as many as fit in 3/4 of the card; 'sacN': N blocks), 'fp32lora' "
+                        "(peft's float32 adapter math instead of the trainer's), 'fp8' or "
                         "'int8' (base weights quantized as spec.training.baseQuantization does; irreversible, so "
                         "quantized variants come last, and all of them with one format)")
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print a CUDA kernel profile of each variant")
     parser.add_argument("--grad-check", action="store_true",
                         help="instead of timing, print each configuration's LoRA-gradient gap to the first one's")
+    parser.add_argument("--overfit", action="store_true",
+                        help="train one fixed batch at one sigma from trained-like adapters (--steps 30 --warmup 0): "
+                        "a loss curve per configuration, its largest gap to the first one's printed")
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU, to test this script")
     args = parser.parse_args()
 
@@ -284,7 +315,7 @@ def main() -> None:
                       "params": sum(p.numel() for p in model.parameters())}), flush=True)
     configs = [Config.parse(v) for v in args.variants.split(",")]
     if not args.no_baseline:
-        configs.insert(0, Config("baseline"))
+        configs.insert(0, Config("baseline", fp32_adapters=True))
     order = [c.quantization is not None for c in configs]
     if order != sorted(order) or len({c.quantization for c in configs} - {None}) > 1:
         raise SystemExit("--variants: quantized variants come last, all with one format")
