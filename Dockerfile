@@ -1,9 +1,10 @@
 # The operator image: the job contract and the controller (kopf), no torch. Build from the repository root:
 #   docker build -t ghcr.io/longcat-i2v/operator:0.1.0 .
-FROM python:3.11-slim-bookworm AS build
+# One stage, as the trainer's (trainer_image/Dockerfile says why).
+FROM python:3.11-slim-bookworm
 WORKDIR /src
 # The dependencies first, in a layer of their own (no code yet: setuptools finds no packages), so that a code
-# change rebuilds only the last layer.
+# change rebuilds only the last layers.
 COPY pyproject.toml constraints.txt ./
 # pyproject.toml names the README; its text is not needed to install the dependencies (nor does an edit of it
 # rebuild them): the real one comes with the code.
@@ -13,10 +14,9 @@ RUN touch README.md \
 # operator/ holds longcat_job and longcat_operator; the trainer's package is not part of this image.
 COPY README.md ./
 COPY operator ./operator
-RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --force-reinstall .
-
-FROM python:3.11-slim-bookworm
-COPY --from=build /opt/venv /opt/venv
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --force-reinstall . \
+    && rm -rf /src
+WORKDIR /
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1

@@ -42,20 +42,30 @@ content_hash() {
         | sort -z | xargs -0 sha256sum; echo "$base_key"; } | sha256sum | cut -c1-12)
 }
 
+# Older builds of image NAME go before anything new is written (a trainer build is 5.6 GB, and CI's disk may
+# not hold two): drop_archives NAME REFERENCE before a build, drop_images NAME REFERENCE once REFERENCE is built,
+# since the layers of the older ones are what --layers builds the new one from.
+drop_archives() {
+    find "$images" -maxdepth 1 -name "$1-*.tar*" ! -name "$1-${2##*:}.tar" -delete
+}
+drop_images() {
+    "${buildah[@]}" images --format '{{.Name}}:{{.Tag}}' "localhost/longcat-$1" 2>/dev/null \
+        | grep -vx "$2" | xargs -r "${buildah[@]}" rmi >/dev/null 2>&1 || true
+    # With them, the layers only they used: untagged images that no other image builds on.
+    "${buildah[@]}" rmi --prune >/dev/null 2>&1 || true
+}
+
 # archive NAME REFERENCE: the OCI archive of REFERENCE, from buildah's storage.
 archive() {
     local name="$1" ref="$2" out="$images/$1-${2##*:}.tar"
     if [[ ! -f "$out" ]]; then
+        drop_archives "$name" "$ref"
+        drop_images "$name" "$ref"
         say "writing $out"
-        rm -f "$out.partial"
         # Uncompressed layers: written and imported in a fraction of the time, and identical layers keep
         # identical digests, so the importer skips what it has.
         "${buildah[@]}" push --quiet --disable-compression "$ref" "oci-archive:$out.partial:$ref" >/dev/null
         mv "$out.partial" "$out"
-        # Older builds of the same image go: a trainer archive is 3 GB.
-        find "$images" -maxdepth 1 -name "$name-*.tar" ! -name "${out##*/}" -delete
-        "${buildah[@]}" images --format '{{.Name}}:{{.Tag}}' "localhost/longcat-$name" 2>/dev/null \
-            | grep -vx "$ref" | xargs -r "${buildah[@]}" rmi >/dev/null 2>&1 || true
     fi
     echo "$name=$ref $out"
 }
@@ -98,6 +108,7 @@ build() {
     shift 2
     local ref="localhost/longcat-$name:$(content_hash "$dockerfile" "$@")"
     if [[ ! -f "$images/$name-${ref##*:}.tar" ]] && ! "${buildah[@]}" inspect --type image "$ref" >/dev/null 2>&1; then
+        drop_archives "$name" "$ref"
         say "building $ref from $dockerfile (the trainer's first build downloads torch: about 5 min)"
         local began=$SECONDS
         local mounts=() file
