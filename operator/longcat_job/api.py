@@ -446,14 +446,24 @@ def latent_frames(frames: int) -> int:
     return (frames - 1) // 4 + 1  # the VAE keeps the first frame and compresses the rest 4x in time
 
 
-def _frames_not_split(spec: JobSpec) -> list[str]:
-    n = spec.training.context_parallel
-    bad = [f"datasets[{i}].frames" for i, d in enumerate(spec.datasets)
-           if d.type == "video" and latent_frames(d.frames) % n]
-    return bad + (["validation.frames"] if latent_frames(spec.validation.frames) % n else [])
+def _splits(frames: int, n: int) -> bool:
+    """Whether `frames` split into whole latent frames over n GPUs, two at least on each (the start frame's GPU
+    needs a frame to denoise, or its cross-attention adapters would get no gradient)."""
+    return latent_frames(frames) % n == 0 and latent_frames(frames) >= 2 * n
 
+
+FRAMES_SPLIT_MESSAGE = (
+    "with training.contextParallel each GPU of a group takes whole latent frames: the latent frames "
+    "((frames - 1) / 4 + 1) of {what} must be divisible by it, two at least on each GPU (93 frames are 24 latent "
+    "frames: contextParallel 2, 4 or 8)"
+)
 
 _CP = "self.training.contextParallel"
+
+
+def _cel_splits(frames: str) -> str:
+    latent = f"(({frames} - 1) / 4 + 1)"
+    return f"({latent} % {_CP} == 0 && {latent} >= 2 * {_CP})"
 
 
 def _eval_dataset(spec: JobSpec) -> DatasetSpec | None:
@@ -542,13 +552,18 @@ class JobSpec(ApiModel):
             if spec.resources.gpus_per_node % spec.training.context_parallel else [],
         ),
         ObjectRule(
-            cel=f"self.datasets.all(d, d.type != 'video' || ((d.frames - 1) / 4 + 1) % {_CP} == 0) && "
-            f"((self.validation.frames - 1) / 4 + 1) % {_CP} == 0",
-            field_path=".training.contextParallel",
-            message="with training.contextParallel each GPU of a group takes whole latent frames: the latent "
-            "frames ((frames - 1) / 4 + 1) of every video dataset and of validation must be divisible by it "
-            "(93 frames are 24 latent frames: contextParallel 2, 4 or 8)",
-            violations=_frames_not_split,
+            cel=f"self.datasets.all(d, d.type != 'video' || {_cel_splits('d.frames')})",
+            field_path=".datasets",
+            message=FRAMES_SPLIT_MESSAGE.format(what="every video dataset"),
+            violations=lambda spec: [f"datasets[{i}].frames" for i, d in enumerate(spec.datasets)
+                                     if d.type == "video" and not _splits(d.frames, spec.training.context_parallel)],
+        ),
+        ObjectRule(
+            cel=_cel_splits("self.validation.frames"),
+            field_path=".validation.frames",
+            message=FRAMES_SPLIT_MESSAGE.format(what="validation"),
+            violations=lambda spec: []
+            if _splits(spec.validation.frames, spec.training.context_parallel) else ["validation.frames"],
         ),
     )
 
