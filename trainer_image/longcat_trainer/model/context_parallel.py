@@ -1,9 +1,10 @@
 """Ulysses context parallelism for the DiT: one sample's video tokens split over the N ranks of a group.
 
-The facts follow the official inference code (`longcat_video/context_parallel/`): the sequence is sharded
-outside attention, and self-attention runs on head shards of the whole sequence, reached by an all-to-all
-(sequence shards -> head shards) before it and the reverse all-to-all after it. Here the shards are whole
-latent frames (rank r holds frames [r*T/N, (r+1)*T/N)), so that:
+As in the official inference code (`longcat_video/context_parallel/`), the sequence is sharded outside
+attention, and self-attention runs on head shards of the whole sequence, reached by an all-to-all (sequence
+shards -> head shards) before it and the reverse all-to-all after it. The official code shards each frame's
+h x w grid (`cp_split_hw`); here the shards are whole latent frames instead (rank r holds frames
+[r*T/N, (r+1)*T/N)), which in the (t, h, w) token order are contiguous, so that no tokens are reordered and:
 
 - per-frame adaLN modulation needs only the rank's slice of the timestep embedding;
 - the conditioning frame (frame 0) is the leading tokens of rank 0 alone, for cross-attention, which it skips;
