@@ -97,6 +97,14 @@ RankLimitRule = at_most(
     1024, "rank must be at most 1024 (the DiT's layers are 4096 wide: an adapter of rank 1024 is no longer low "
     "rank): SimpleTuner's LongCat default is 8"
 )
+# The released DiT's attention heads; Ulysses hands each rank of a group a whole number of them.
+RELEASED_HEADS = 32
+ContextParallelRule = FieldRule(
+    cel=f"{RELEASED_HEADS} % self == 0",
+    message=f"contextParallel must divide the model's {RELEASED_HEADS} attention heads (each GPU of a group "
+    "attends with a share of them): use 1, 2, 4, 8 or 16",
+    check=lambda n: RELEASED_HEADS % n == 0,
+)
 StepsLimitRule = at_most(
     10_000_000, "maxSteps must be at most 10,000,000 (at 10 s a step, three years of training)"
 )
@@ -276,6 +284,13 @@ class TrainingSpec(ApiModel):
     parallelism: Literal["ddp", "fsdp"] = Field(
         "ddp", description="ddp replicates the frozen base on every GPU; fsdp shards it (for small GPUs)."
     )
+    context_parallel: Annotated[int, ContextParallelRule] = Field(
+        1, ge=1, le=16,
+        description="GPUs that share one sample (Ulysses context parallelism: its tokens split over them, attention "
+        "by head shards); 1 is off. For samples that do not fit one GPU (720p, long clips): it does not raise the "
+        "throughput of samples that do. The groups are consecutive GPUs of one pod, so gpusPerNode must be a "
+        "multiple of it; batchSize is then per group.",
+    )
     checkpoint_every: int = Field(100, ge=1, le=1_000_000, description="SimpleTuner checkpointing_steps.")
     keep_checkpoints: int = Field(3, ge=1, le=1000, description="SimpleTuner checkpoints_total_limit.")
     max_bad_sample_fraction: float = Field(
@@ -427,6 +442,30 @@ def _conditioning_of_wrong_type(spec: JobSpec) -> list[str]:
     ]
 
 
+def latent_frames(frames: int) -> int:
+    return (frames - 1) // 4 + 1  # the VAE keeps the first frame and compresses the rest 4x in time
+
+
+def _splits(frames: int, n: int) -> bool:
+    """Whether `frames` split into whole latent frames over n GPUs, two at least on each (the start frame's GPU
+    needs a frame to denoise, or its cross-attention adapters would get no gradient)."""
+    return latent_frames(frames) % n == 0 and latent_frames(frames) >= 2 * n
+
+
+FRAMES_SPLIT_MESSAGE = (
+    "with training.contextParallel each GPU of a group takes whole latent frames: the latent frames "
+    "((frames - 1) / 4 + 1) of {what} must be divisible by it, two at least on each GPU (93 frames are 24 latent "
+    "frames: contextParallel 2, 4 or 8)"
+)
+
+_CP = "self.training.contextParallel"
+
+
+def _cel_splits(frames: str) -> str:
+    latent = f"(({frames} - 1) / 4 + 1)"
+    return f"({latent} % {_CP} == 0 && {latent} >= 2 * {_CP})"
+
+
 def _eval_dataset(spec: JobSpec) -> DatasetSpec | None:
     return next((d for d in spec.datasets if d.id == spec.validation.eval_dataset_id), None)
 
@@ -502,6 +541,29 @@ class JobSpec(ApiModel):
             violations=lambda spec: []
             if any(d.type == "video" and d.id != spec.validation.eval_dataset_id for d in spec.datasets)
             else ["datasets"],
+        ),
+        ObjectRule(
+            cel=f"self.resources.gpusPerNode % {_CP} == 0",
+            field_path=".training.contextParallel",
+            message="resources.gpusPerNode must be a multiple of training.contextParallel (a sample's GPUs are "
+            "in one pod, where the attention all-to-alls run over NVLink): lower contextParallel or raise "
+            "gpusPerNode",
+            violations=lambda spec: ["training.contextParallel"]
+            if spec.resources.gpus_per_node % spec.training.context_parallel else [],
+        ),
+        ObjectRule(
+            cel=f"self.datasets.all(d, d.type != 'video' || {_cel_splits('d.frames')})",
+            field_path=".datasets",
+            message=FRAMES_SPLIT_MESSAGE.format(what="every video dataset"),
+            violations=lambda spec: [f"datasets[{i}].frames" for i, d in enumerate(spec.datasets)
+                                     if d.type == "video" and not _splits(d.frames, spec.training.context_parallel)],
+        ),
+        ObjectRule(
+            cel=_cel_splits("self.validation.frames"),
+            field_path=".validation.frames",
+            message=FRAMES_SPLIT_MESSAGE.format(what="validation"),
+            violations=lambda spec: []
+            if _splits(spec.validation.frames, spec.training.context_parallel) else ["validation.frames"],
         ),
     )
 

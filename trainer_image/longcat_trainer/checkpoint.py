@@ -37,17 +37,17 @@ def step_prefix(step: int) -> str:
     return f"{PREFIX}step-{step:08d}/"
 
 
-def rng_state(noise: torch.Generator) -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(), "noise": noise.get_state()}
+def rng_state() -> dict[str, Any]:
+    """The global RNGs (LoRA dropout); the training noise is drawn per slot (flow.slot_noise) and needs none."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def restore_rng(state: dict[str, Any], noise: torch.Generator) -> None:
+def restore_rng(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    noise.set_state(state["noise"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 

@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 
+from longcat_job.api import latent_frames  # noqa: F401  (the callers of the sampler import it from here)
 from longcat_job.buckets import Bucket
 
 from . import flow
@@ -110,10 +111,6 @@ def sample_latents(
         x = x + (sigmas[i + 1] - sigmas[i]) * -v
         on_step(i + 1)
     return torch.cat([start_latents, x.to(start_latents.dtype)], dim=2)
-
-
-def latent_frames(frames: int) -> int:
-    return (frames - 1) // 4 + 1  # the Wan VAE: the first frame alone, then groups of 4
 
 
 def load_start_frame(source: Path | object, name: str, height: int, width: int) -> torch.Tensor:

@@ -23,6 +23,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+from longcat_job.failures import InvalidConfigError
+
 T = TypeVar("T")
 # Caching on a slow rank can take a long time before the next collective; don't let gloo/nccl give up.
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
@@ -30,10 +32,30 @@ COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 @dataclass(frozen=True)
 class World:
+    """This process's place: its rank, and its context-parallel group (consecutive ranks, so within a pod).
+
+    The ranks of a context-parallel group train one sample together; the groups are the data-parallel
+    replicas (data_parallel_rank of data_parallel_size), and gradients are averaged over the whole world.
+    """
+
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    context_parallel: int = 1
+    context_group: dist.ProcessGroup | None = None
+
+    @property
+    def context_rank(self) -> int:
+        return self.rank % self.context_parallel
+
+    @property
+    def data_parallel_rank(self) -> int:
+        return self.rank // self.context_parallel
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size // self.context_parallel
 
     @property
     def is_main(self) -> bool:
@@ -44,7 +66,8 @@ class World:
         return self.local_rank == 0
 
 
-def init_world() -> World:
+def init_world(context_parallel: int = 1) -> World:
+    """The process group from torchrun's variables, split into groups of `context_parallel` consecutive ranks."""
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -57,7 +80,13 @@ def init_world() -> World:
         backend = "nccl" if device.type == "cuda" else "gloo"
         device_id = device if device.type == "cuda" else None
         dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, device_id=device_id)
-    return World(rank, world_size, local_rank, device)
+    if world_size % context_parallel:
+        raise InvalidConfigError(
+            f"spec.training.contextParallel={context_parallel} must divide the {world_size} training processes "
+            "(nodes x gpusPerNode): make gpusPerNode a multiple of it"
+        )
+    group = dist.new_subgroups(group_size=context_parallel)[0] if context_parallel > 1 else None
+    return World(rank, world_size, local_rank, device, context_parallel, group)
 
 
 def shutdown() -> None:

@@ -11,6 +11,7 @@ num_cond_latents=1) and is left out of the loss; only frames 1.. are noised and 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,22 @@ def shift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
 def sample_sigmas(batch: int, shift: float, generator: torch.Generator) -> torch.Tensor:
     """One noise level per sample: uniform in [0, 1), then shifted."""
     return shift_sigmas(torch.rand(batch, generator=generator), shift)
+
+
+def slot_noise(
+    seed: int, step: int, slot: int, shape: torch.Size, shift: float, *, pin_memory: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sigmas [B] and noise (of `shape`, on the CPU) of one micro-batch of an optimizer step.
+
+    slot numbers the step's micro-batches over the world: micro_batch * data_parallel_size + data_parallel_rank,
+    the order in which the data-parallel groups take batches from the epoch. Drawn from (seed, step, slot)
+    alone, so the ranks of a context-parallel group draw the same noise, a resumed run draws what it would
+    have, and one process accumulating G micro-batches draws what G groups draw.
+    """
+    digest = hashlib.blake2b(f"{seed}:{step}:{slot}".encode(), digest_size=8).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    sigma = sample_sigmas(shape[0], shift, generator)
+    return sigma, torch.randn(shape, generator=generator, pin_memory=pin_memory)
 
 
 @dataclass

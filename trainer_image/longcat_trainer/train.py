@@ -103,7 +103,7 @@ def _list_or_empty(store: ObjectStore) -> list:
 
 def run(job: LongCatI2VJob, hooks: Hooks | None = None) -> None:
     """Train the job; records a failure in progress.json before re-raising it."""
-    world = distributed.init_world()
+    world = distributed.init_world(job.spec.training.context_parallel)
     output = store_for(job.spec.output, what="output (spec.output)")
     reporter = Reporter(output, enabled=world.is_main, world_size=world.world_size)
     try:
@@ -179,6 +179,16 @@ def prepare_caches(
     return cache, cache_stores
 
 
+def resumed_position(state: dict[str, Any], data_parallel: int) -> dict[str, int]:
+    """The checkpoint's data position for `data_parallel` groups: the same number of batches consumed in all.
+
+    Checkpoints before context parallelism did not record their groups: every rank was one (one RNG state each).
+    """
+    data = state["data"]
+    saved = data.get("data_parallel", len(state["rng"]))
+    return {"epoch": data["epoch"], "index": data["index"] * saved // data_parallel}
+
+
 class TrainingRun:
     """The state that changes while training (one explicit checkpoint dict) and the steps that change it."""
 
@@ -200,14 +210,14 @@ class TrainingRun:
             self.train.lr_scheduler, self.optimizer,
             num_warmup_steps=self.train.warmup_steps, num_training_steps=self.train.max_steps,
         )
-        self.noise_rng = torch.Generator().manual_seed(self.train.seed * 1_000_003 + world.rank)
         self.step, self.history = 0, []
         self.stream = self._stream(epoch=0, index=0)
 
     def _stream(self, epoch: int, index: int) -> DeviceBatches:
+        """Batches of this rank's data-parallel group: every rank of a context-parallel group gets the same."""
         stream = BatchStream(self.cache.samples, self.cache_stores, batch_size=self.train.batch_size,
-                             seed=self.train.seed, rank=self.world.rank, world_size=self.world.world_size,
-                             epoch=epoch, index=index)
+                             seed=self.train.seed, rank=self.world.data_parallel_rank,
+                             world_size=self.world.data_parallel_size, epoch=epoch, index=index)
         return DeviceBatches(stream, self.world.device)
 
     def state(self) -> dict[str, Any]:
@@ -217,9 +227,9 @@ class TrainingRun:
             "optimizer": distributed.optimizer_state(self.dit, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
-            "data": self.stream.position(),
+            "data": {**self.stream.position(), "data_parallel": self.world.data_parallel_size},
             "loss_history": self.history,
-            "rng": distributed.gather_objects(checkpoint.rng_state(self.noise_rng)),
+            "rng": distributed.gather_objects(checkpoint.rng_state()),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -227,11 +237,11 @@ class TrainingRun:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.history = state["step"], state["loss_history"]
         self.stream.close()
-        self.stream = self._stream(**state["data"])
+        self.stream = self._stream(**resumed_position(state, self.world.data_parallel_size))
         if len(state["rng"]) == self.world.world_size:
-            checkpoint.restore_rng(state["rng"][self.world.rank], self.noise_rng)
+            checkpoint.restore_rng(state["rng"][self.world.rank])
         else:
-            log.warning("checkpoint has %d ranks' RNG states, this run %d: noise streams start afresh",
+            log.warning("checkpoint has %d ranks' RNG states, this run %d: dropout streams start afresh",
                         len(state["rng"]), self.world.world_size)
         self.reporter.doc.artifacts.latest_checkpoint = uri(self.output, checkpoint.step_prefix(self.step))
 
@@ -265,16 +275,17 @@ class TrainingRun:
         """One optimizer step over gradient_accumulation micro-batches; returns (loss, latent tokens).
 
         The only host sync is the loss at the end: the losses add up on the device (in float64, as the
-        Python floats did), and the noise is drawn on the CPU, in checkpointed RNG order, into pinned memory.
+        Python floats did), and the noise is drawn on the CPU, per micro-batch slot, into pinned memory.
         """
-        device, accumulation = self.world.device, self.train.gradient_accumulation
+        device, accumulation, world = self.world.device, self.train.gradient_accumulation, self.world
         loss_sum, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
         for micro in range(accumulation):
             batch = self.stream.next()
             clip = batch["clip"]
-            sigma = to_device(flow.sample_sigmas(clip.shape[0], self.train.flow_shift, self.noise_rng), device)
-            noise = to_device(torch.randn(clip.shape, generator=self.noise_rng, pin_memory=device.type == "cuda"),
-                              device)
+            slot = micro * world.data_parallel_size + world.data_parallel_rank
+            sigma, noise = flow.slot_noise(self.train.seed, self.step, slot, clip.shape, self.train.flow_shift,
+                                           pin_memory=device.type == "cuda")
+            sigma, noise = to_device(sigma, device), to_device(noise, device)
             last = micro == accumulation - 1
             with contextlib.nullcontext() if last else distributed.accumulating(self.model):
                 loss = flow.training_loss(self.model, clip, batch["start"], batch["text"], batch["text_mask"],
@@ -299,7 +310,7 @@ class TrainingRun:
                 started, waited = time.monotonic(), self.stream.wait_seconds
                 loss, tokens = self.train_step()
                 self.history.append((self.step, loss))
-                self._observe(loss, tokens * self.world.world_size, time.monotonic() - started,
+                self._observe(loss, tokens * self.world.data_parallel_size, time.monotonic() - started,
                               self.stream.wait_seconds - waited, rate)
                 if self.hooks.after_step is not None:
                     self.hooks.after_step(self.info())
@@ -314,7 +325,7 @@ class TrainingRun:
         self.stream.close()
 
     def _observe(self, loss: float, tokens: int, seconds: float, data_wait: float, rate: RateLog) -> None:
-        samples = self.train.batch_size * self.train.gradient_accumulation * self.world.world_size
+        samples = self.train.batch_size * self.train.gradient_accumulation * self.world.data_parallel_size
         lr = self.scheduler.get_last_lr()[0]
         m = self.metrics
         m.step.set(self.step)

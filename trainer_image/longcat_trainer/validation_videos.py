@@ -1,7 +1,8 @@
 """Validation during training: I2V videos from fixed start frames and captions, uploaded with an index page.
 
 `Validator` fits the training loop's `Hooks.validate`: called on every rank with the step just finished, it
-samples this rank's share of the validation samples (sample i runs on rank i % world_size), uploads
+samples this rank's share of the validation samples (sample i runs on data-parallel group i % groups: with
+context parallelism the ranks of a group sample it together, without the conditioning-frame cache), uploads
 
     <output>/validation/step-<N>/<i>-<stem>.mp4   H.264 video
     <output>/validation/step-<N>/<i>-<stem>.png   contact sheet (every 8th frame, step and prompt)
@@ -136,6 +137,7 @@ class Validator:
         self.vae = None
         self.shift = 0.0
         self.every_rank = False
+        self.uploads = True
 
     def prepare(self, info: StepInfo) -> None:
         spec, world = info.job.spec, info.world
@@ -145,7 +147,8 @@ class Validator:
             log.warning("validation: the manifest has no samples to validate with; no videos will be made")
         # Under FSDP every forward is a collective over the shards: each rank runs every sample, rank 0 uploads.
         self.every_rank = spec.training.parallelism == "fsdp" and world.world_size > 1
-        mine = chosen if self.every_rank else chosen[world.rank :: world.world_size]
+        mine = chosen if self.every_rank else chosen[world.data_parallel_rank :: world.data_parallel_size]
+        self.uploads = world.is_main if self.every_rank else world.context_rank == 0
         dtype = info.model.x_embedder.proj.weight.dtype
         self.shift = loading.load_scheduler(info.model_root).config.shift
         self.vae = loading.load_vae(info.model_root, dtype=torch.float32, device="cpu").eval()
@@ -206,15 +209,17 @@ class Validator:
         spec, device = info.job.spec.validation, info.world.device
         _, channels, _, h, w = sample.start_latents.shape
         noise = initial_noise((1, channels, latent_frames(spec.frames) - 1, h, w), spec.seed + sample.index)
+        # A split clip runs whole (context_parallel.py): the conditioning frame's cache would be one frame.
         settings = SamplerSettings(steps=spec.num_inference_steps, guidance=spec.guidance,
-                                   guidance_method=spec.guidance_method, shift=self.shift)
+                                   guidance_method=spec.guidance_method, shift=self.shift,
+                                   reuse_cond_kv=info.world.context_parallel == 1)
         negative = None if self.negative is None else tuple(t.to(device) for t in self.negative)
         text = tuple(t.to(device) for t in sample.text)
         latents = sample_latents(info.model, sample.start_latents.to(device), text, negative, noise, settings)
         self.vae.to(device)
         frames = to_uint8_frames(encode.decode_latents(self.vae, latents))
         stem = f"{step_prefix(info.step)}/{sample.index:02d}-{PurePosixPath(sample.name).name}"
-        if info.world.is_main or not self.every_rank:
+        if self.uploads:
             info.output.put_bytes(f"{stem}.mp4", media.mp4_bytes(frames, sample.fps), content_type="video/mp4")
             sheet = media.contact_sheet_png(frames, caption=sample.prompt, step=info.step)
             info.output.put_bytes(f"{stem}.png", sheet, content_type="image/png")

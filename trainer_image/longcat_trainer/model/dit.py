@@ -29,6 +29,8 @@ from torch import nn
 
 from longcat_job.failures import InvalidConfigError
 
+from .context_parallel import ContextParallel
+
 NORM_EPS = 1e-6
 ROPE_THETA = 10000.0
 FFN_MULTIPLE_OF = 256
@@ -146,13 +148,23 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, eps=NORM_EPS)
         self.k_norm = RMSNorm(self.head_dim, eps=NORM_EPS)
         self.proj = nn.Linear(dim, dim)
+        self.context_parallel: ContextParallel | None = None  # set by context_parallel.enable
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], num_cond_tokens: int, cond_kv: CondKV | None = None
     ) -> torch.Tensor:
-        """cond_kv: empty -> record the conditioning tokens' k, v into it; filled -> x holds only noisy tokens."""
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        """cond_kv: empty -> record the conditioning tokens' k, v into it; filled -> x holds only noisy tokens.
+
+        Under context parallelism x is this rank's shard; q, k, v are exchanged for all tokens of this rank's
+        heads, so the rule for conditioning tokens and the RoPE positions below see the whole sequence.
+        """
+        B, n, C = x.shape
+        cp = self.context_parallel
+        qkv = self.qkv(x).view(B, n, 3, self.num_heads, self.head_dim)
+        if cp is not None:
+            qkv = cp.sequence_to_heads(qkv)
+        N = qkv.shape[1]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         q = apply_rotary_emb(self.q_norm(q), rope)
         k = apply_rotary_emb(self.k_norm(k), rope)
         if cond_kv is not None and cond_kv.k is not None:
@@ -170,6 +182,8 @@ class Attention(nn.Module):
                 out = torch.cat([out, F.scaled_dot_product_attention(q[:, :, c:], k, v)], dim=2)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
+        if cp is not None:
+            return self.proj(cp.heads_to_sequence(out))
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
@@ -219,7 +233,10 @@ class LongCatSingleStreamBlock(nn.Module):
         num_cond_tokens: int,
         cond_kv: CondKV | None = None,
     ) -> torch.Tensor:
-        """x [B, N, C] in the model dtype; t_emb float32 [B, T, C_t], one modulation per latent frame."""
+        """x [B, N, C] in the model dtype; t_emb float32 [B, T, C_t], one modulation per latent frame.
+
+        Under context parallelism x and t_emb are this rank's frames; num_cond_tokens counts the whole sequence.
+        """
         B, N, C = x.shape
         T = t_emb.shape[1]
         dtype = x.dtype
@@ -232,7 +249,9 @@ class LongCatSingleStreamBlock(nn.Module):
         h = modulate_fp32(self.mod_norm_attn, per_frame(x), shift_msa, scale_msa).view(B, N, C)
         x = (per_frame(x) + gate_msa * per_frame(self.attn(h, rope, num_cond_tokens, cond_kv))).view(B, N, C).to(dtype)
 
-        c = num_cond_tokens  # conditioning tokens get no cross-attention (zeros added)
+        # Conditioning tokens get no cross-attention (zeros added); they lead the sequence, so on rank 0.
+        cp = self.attn.context_parallel
+        c = num_cond_tokens if cp is None else cp.local_prefix(num_cond_tokens, N)
         if c < N:
             cross = self.cross_attn(self.pre_crs_attn_norm(x[:, c:]), y, y_mask)
             x = torch.cat([x[:, :c], x[:, c:] + cross], dim=1) if c > 0 else x + cross
@@ -307,6 +326,7 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin):
             LongCatSingleStreamBlock(hidden_size, num_heads, mlp_ratio, adaln_tembed_dim) for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, math.prod(self.patch_size), out_channels, adaln_tembed_dim)
+        self.context_parallel: ContextParallel | None = None  # set by context_parallel.enable
 
     def forward(
         self,
@@ -374,11 +394,21 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin):
         rope = tuple(part[cached_tokens:] for part in rope_3d(full_grid, self.head_dim, x.device))
         num_cond_tokens = num_cond_latents * tokens_per_frame
         caches = cond_cache if cond_cache is not None else [None] * len(self.blocks)
+        cp = self.context_parallel
+        if cp is not None:
+            if cond_cache is not None:
+                raise ValueError("context parallelism runs the whole clip: sample without a cond_cache")
+            # This rank's whole latent frames (see context_parallel.py); RoPE stays whole, attention sees all.
+            frames = cp.local_frames(T)
+            x = x.view(B, T, tokens_per_frame, -1)[:, frames].flatten(1, 2)
+            t_emb = t_emb[:, frames]
 
         for block, cond_kv in zip(self.blocks, caches, strict=True):
             x = block(x, y, y_mask, t_emb, rope, num_cond_tokens, cond_kv)
 
         x = self.final_layer(x, t_emb)
+        if cp is not None:
+            x = cp.gather_sequence(x)
         return self.unpatchify(x, grid)
 
     @torch.no_grad()

@@ -1,5 +1,6 @@
 """The loaded DiT made ready to train, in this order (the role torchtitan's `parallelize` plays):
 
+    0. context parallelism (spec.training.contextParallel > 1): the rank's group splits each sample's tokens
     1. LoRA adapters on the spec's targets (the base frozen); every rank draws the same initial adapters
     2. base quantization of the frozen block weights (spec.training.baseQuantization)
     3. the checkpointing policy of each block (model/recompute.py): as many blocks as the card holds keep their
@@ -25,7 +26,7 @@ from longcat_job.buckets import buckets
 
 from .. import distributed, lora
 from ..distributed import World
-from . import quantize, recompute
+from . import context_parallel, quantize, recompute
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def block_plan(spec: JobSpec, dit: nn.Module, device: torch.device) -> BlockPlan
     35 blocks keeping their attention output take a compiled step from 14.1 s to 12.5 s within 60 GiB; the
     others recompute whole), and regional compile on CUDA, which fuses the float32 norms, modulation and RoPE
     around the matmuls (18.6 s to 14.1 s); on the CPU compile would only add compile time."""
-    tokens = largest_sample_tokens(spec)
+    tokens = largest_sample_tokens(spec) // spec.training.context_parallel  # each rank holds its share
     kept = recompute.attention_blocks_that_fit(dit, tokens, device)
     if spec.training.gradient_checkpointing:
         log.info("checkpointing: %d of %d blocks keep their self-attention output (planned for %d tokens), the "
@@ -72,8 +73,9 @@ def block_plan(spec: JobSpec, dit: nn.Module, device: torch.device) -> BlockPlan
 def prepare_for_training(
     dit: nn.Module, spec: JobSpec, world: World, *, lora_state: dict[str, torch.Tensor] | None = None
 ) -> nn.Module:
-    """Steps 1-6 of the module docstring on `dit` in place; returns the wrapped module to train."""
+    """Steps 0-6 of the module docstring on `dit` in place; returns the wrapped module to train."""
     training = spec.training
+    context_parallel.enable(dit, context_parallel.for_world(world))
     torch.manual_seed(training.seed)  # the same LoRA initialisation on every rank (FSDP keeps each rank's shard)
     lora.add_lora(dit, spec.lora)
     torch.manual_seed(training.seed + world.rank)  # dropout differs between ranks
