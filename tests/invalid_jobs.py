@@ -83,6 +83,8 @@ CASES: list[Case] = [
     Case("frames-92", lambda d: clips(d).update(frames=92), "spec.datasets[0].frames", "(frames - 1) % 4 == 0"),
     Case("frames-0", lambda d: clips(d).update(frames=0), "spec.datasets[0].frames",
          "greater than or equal to 5", api_text="greater than or equal to 5"),
+    Case("frame-bucket-92", lambda d: clips(d).update(frameBuckets=[33, 92]), "spec.datasets[0].frameBuckets[1]",
+         "(frames - 1) % 4 == 0"),
     Case("validation-frames-94", setting("validation", "frames", value=94), "spec.validation.frames",
          "(frames - 1) % 4 == 0"),
     Case("resolution-480x830", setting("validation", "resolution", value="480x830"), "spec.validation.resolution",

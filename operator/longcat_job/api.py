@@ -299,12 +299,21 @@ class DatasetSpec(ApiModel):
         480, ge=16, description="SimpleTuner resolution: target short side in pixels."
     )
     frames: Annotated[int, FramesRule, FramesLimitRule] = Field(93, ge=5, description="SimpleTuner video.num_frames.")
+    frame_buckets: list[Annotated[int, FramesRule, FramesLimitRule, Field(ge=5)]] | None = Field(
+        None, min_length=1, max_length=16,
+        description="Frame counts a clip may train at (each with (n - 1) % 4 == 0): a clip trains at the largest "
+        "it can fill, from its frame 0; shorter clips than the smallest are skipped. Empty: [frames].",
+    )
     conditioning_data: list[Annotated[str, Field(max_length=63)]] = Field(
         default_factory=list, max_length=8, description="SimpleTuner conditioning_data: ids of start-frame datasets."
     )
     vae_cache: Location | None = Field(
         None, description="SimpleTuner cache_dir_vae; empty means under the output location's cache/<id>/."
     )
+
+    def frame_counts(self) -> tuple[int, ...]:
+        """The frame buckets, ascending: `frameBuckets`, or `frames` alone."""
+        return tuple(sorted(set(self.frame_buckets or [self.frames])))
 
     object_rules = (
         ObjectRule(

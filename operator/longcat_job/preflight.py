@@ -17,6 +17,7 @@ import logging
 import posixpath
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from .pairing import (
     report_orphan_start_frames,
 )
 from .s3 import S3AccessError
-from .sample_check import Finding, check_sample
+from .sample_check import Checked, check_sample
 from .storage import CredentialsLookup, ObjectRecord, ObjectStore, env_credentials, store_for
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class DatasetReport(BaseModel):
     media: int = 0  # clips of a video dataset, start frames of a conditioning dataset
     captions: int = 0
     samples: int = 0  # usable samples (video datasets)
+    frame_buckets: dict[int, int] = {}  # frame count -> usable clips that train at it (deep check only)
     access_error: str | None = None
     problems: list[ProblemReport] = []
 
@@ -131,6 +133,9 @@ class PreflightReport(BaseModel):
             if d.role != "conditioning":
                 head += f", {d.captions} captions, {d.samples} usable samples"
             out.append(head)
+            if len(d.frame_buckets) > 1:
+                spread = ", ".join(f"{n} frames: {count}" for n, count in sorted(d.frame_buckets.items()))
+                out.append(f"  clips per frame bucket: {spread}")
             if d.access_error:
                 out.append(f"  error: {d.access_error}")
             for p in d.problems:
@@ -252,31 +257,38 @@ def _pair_all(specs: dict[str, DatasetSpec], roles: dict[str, Role], classified:
     return samples
 
 
+@dataclass
+class DeepResult:
+    kept: dict[str, list[Sample]]  # video dataset id -> the samples whose files pass
+    reasons: dict[str, str]  # '<dataset>/<clip key>' -> the first finding of a sample that does not
+    frame_buckets: dict[str, Counter[int]]  # video dataset id -> frame count -> kept clips that train at it
+
+
 def deep_check(specs: dict[str, DatasetSpec], stores: dict[str, ObjectStore], samples: dict[str, list[Sample]],
-               classified: dict[str, Classified], workers: int = DEEP_WORKERS
-               ) -> tuple[dict[str, list[Sample]], dict[str, str]]:
-    """The samples whose files pass `check_sample`, and the first finding of each that does not (by
-    '<dataset>/<clip key>'); every finding goes to its dataset's problems."""
+               classified: dict[str, Classified], workers: int = DEEP_WORKERS) -> DeepResult:
+    """Every sample through `check_sample`; every finding goes to its dataset's problems."""
     work = [(dataset_id, sample) for dataset_id, found in samples.items() for sample in found]
     progress = _Progress("preflight: samples checked", total=len(work))
     readers = {dataset_id: store.for_small_reads() for dataset_id, store in stores.items()}
 
-    def check(item: tuple[str, Sample]) -> list[Finding]:
-        findings = check_sample(specs[item[0]], readers, item[1])
+    def check(item: tuple[str, Sample]) -> Checked:
+        checked = check_sample(specs[item[0]], readers, item[1])
         progress.add()
-        return findings
+        return checked
 
-    kept: dict[str, list[Sample]] = {dataset_id: [] for dataset_id in samples}
-    reasons: dict[str, str] = {}
+    result = DeepResult({dataset_id: [] for dataset_id in samples}, {},
+                        {dataset_id: Counter() for dataset_id in samples})
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for (dataset_id, sample), findings in zip(work, pool.map(check, work)):
+        for (dataset_id, sample), checked in zip(work, pool.map(check, work)):
+            findings = checked.findings
             for finding in findings:
                 classified[dataset_id].problems.add(finding.kind, finding.example)
             if findings:
-                reasons[f"{dataset_id}/{sample.clip.key}"] = f"{findings[0].kind.value}: {findings[0].example}"
+                result.reasons[f"{dataset_id}/{sample.clip.key}"] = f"{findings[0].kind.value}: {findings[0].example}"
             else:
-                kept[dataset_id].append(sample)
-    return kept, reasons
+                result.kept[dataset_id].append(sample)
+                result.frame_buckets[dataset_id][checked.frame_bucket] += 1
+    return result
 
 
 def _pairing_reason(spec: DatasetSpec, clip: ObjectRecord, classified: dict[str, Classified]) -> str:
@@ -329,11 +341,13 @@ def run_preflight(
         for dataset_id, records in _list_all(stores, reports, workers).items()
     }
     paired = _pair_all(specs, roles, classified)
-    samples, reasons = deep_check(specs, stores, paired, classified) if deep else (paired, {})
+    checked = deep_check(specs, stores, paired, classified) if deep else DeepResult(paired, {}, {})
+    samples, reasons = checked.kept, checked.reasons
     for dataset_id, c in classified.items():
         report = reports[dataset_id]
         report.objects, report.media, report.captions = c.objects, len(c.media), len(c.captions)
         report.samples = len(samples.get(dataset_id, ()))
+        report.frame_buckets = dict(checked.frame_buckets.get(dataset_id, {}))
         report.problems = _problem_reports(c.problems.all())
     clips = sum(len(classified[dataset_id].media) for dataset_id in samples)
     report = PreflightReport(

@@ -45,13 +45,13 @@ class BlockPlan:
 
 
 def largest_sample_tokens(spec: JobSpec) -> int:
-    """DiT tokens of the largest micro-batch the spec can make: its biggest bucket at its frame count (one token
+    """DiT tokens of the largest micro-batch the spec can make: its biggest bucket at its largest frame count (one token
     per 2x2 patch of each 8x-downsampled latent frame), times the batch size."""
     most = 0
     for dataset in spec.datasets:
         if dataset.type == "video":
             pixels = max(b.height * b.width for b in buckets(dataset.resolution, spec.aspect_bucket_alignment))
-            most = max(most, ((dataset.frames - 1) // 4 + 1) * pixels // (16 * 16))
+            most = max(most, ((max(dataset.frame_counts()) - 1) // 4 + 1) * pixels // (16 * 16))
     return most * spec.training.batch_size
 
 
