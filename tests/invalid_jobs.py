@@ -85,6 +85,8 @@ CASES: list[Case] = [
          "greater than or equal to 5", api_text="greater than or equal to 5"),
     Case("frame-bucket-92", lambda d: clips(d).update(frameBuckets=[33, 92]), "spec.datasets[0].frameBuckets[1]",
          "(frames - 1) % 4 == 0"),
+    Case("caption-dropout-2", lambda d: clips(d).update(captionDropout=2.0), "spec.datasets[0].captionDropout",
+         "less than or equal to 1", api_text=None),
     Case("validation-frames-94", setting("validation", "frames", value=94), "spec.validation.frames",
          "(frames - 1) % 4 == 0"),
     Case("resolution-480x830", setting("validation", "resolution", value="480x830"), "spec.validation.resolution",

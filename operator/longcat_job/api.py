@@ -304,6 +304,11 @@ class DatasetSpec(ApiModel):
         description="Frame counts a clip may train at (each with (n - 1) % 4 == 0): a clip trains at the largest "
         "it can fill, from its frame 0; shorter clips than the smallest are skipped. Empty: [frames].",
     )
+    caption_dropout: float = Field(
+        0.0, ge=0, le=1,
+        description="SimpleTuner caption_dropout_probability: the chance that a sample trains on the empty prompt's "
+        "text states instead of its caption's, drawn per (seed, step, sample) so a resumed run draws the same.",
+    )
     conditioning_data: list[Annotated[str, Field(max_length=63)]] = Field(
         default_factory=list, max_length=8, description="SimpleTuner conditioning_data: ids of start-frame datasets."
     )

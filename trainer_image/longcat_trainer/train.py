@@ -40,10 +40,11 @@ from longcat_job.sample_manifest import (
 )
 from longcat_job.storage import ObjectStore, store_for
 
-from . import checkpoint, distributed, flow, lora
+from . import caption_dropout, checkpoint, distributed, flow, lora
 from .cache.build import CacheResult, build_caches
 from .cache.plan import cache_location
 from .data.batches import BatchStream, DeviceBatches, to_device
+from .data.entries import read_entry, text_batch
 from .data.shards import DiskCache, ShardReader
 from .distributed import World
 from .metrics import DEFAULT_METRICS_PORT, METRICS_PORT_ENV, RateLog, TrainerMetrics
@@ -203,6 +204,12 @@ class TrainingRun:
         self.noise_rng = torch.Generator().manual_seed(self.train.seed * 1_000_003 + world.rank)
         self.step, self.history = 0, []
         self.stream = self._stream(epoch=0, index=0)
+        self.empty_prompt = self._empty_prompt() if any(s.caption_dropout for s in cache.samples) else None
+
+    def _empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty prompt's text states and mask on the device: what a dropped caption trains on."""
+        states, mask = text_batch([read_entry(self.cache_stores[self.cache.negative.store], self.cache.negative.key)])
+        return states.to(self.world.device), mask.to(self.world.device)
 
     def _stream(self, epoch: int, index: int) -> DeviceBatches:
         stream = BatchStream(self.cache.samples, self.cache_stores, batch_size=self.train.batch_size,
@@ -272,6 +279,9 @@ class TrainingRun:
         for micro in range(accumulation):
             batch = self.stream.next()
             clip = batch["clip"]
+            if self.empty_prompt is not None:
+                draws = caption_dropout.uniforms(self.train.seed, self.step, self.world.rank, micro, clip.shape[0])
+                batch = caption_dropout.drop_captions(batch, draws, *self.empty_prompt)
             sigma = to_device(flow.sample_sigmas(clip.shape[0], self.train.flow_shift, self.noise_rng), device)
             noise = to_device(torch.randn(clip.shape, generator=self.noise_rng, pin_memory=device.type == "cuda"),
                               device)

@@ -110,7 +110,8 @@ def build_caches(
         all_layouts.update(rank_layouts)
         all_bad.extend(rank_bad)
     samples = [
-        TrainSample(name=p.name, clip=p.clip, start=p.start, text=p.text, layout=all_layouts[p.name])
+        TrainSample(name=p.name, clip=p.clip, start=p.start, text=p.text, layout=all_layouts[p.name],
+                    caption_dropout=spec.dataset(p.dataset_id).caption_dropout)
         for p in plans
         if p.name in all_layouts
     ]

@@ -41,14 +41,16 @@ def epoch_batches(samples: list[TrainSample], batch_size: int, seed: int, epoch:
 
 
 def load_batch(batch: list[TrainSample], stores: dict[str, ObjectStore]) -> dict[str, torch.Tensor]:
-    """Clip latents [B, C, T, H, W], start-frame latents [B, C, 1, H, W], caption states and mask."""
+    """Clip latents [B, C, T, H, W], start-frame latents [B, C, 1, H, W], caption states and mask, and each
+    sample's caption dropout probability [B]."""
     clips, starts, texts = [], [], []
     for sample in batch:
         clips.append(read_entry(stores[sample.clip.store], sample.clip.key)["latents"])
         starts.append(read_entry(stores[sample.start.store], sample.start.key)["latents"])
         texts.append(read_entry(stores[sample.text.store], sample.text.key))
     states, mask = text_batch(texts)
-    return {"clip": torch.stack(clips), "start": torch.stack(starts), "text": states, "text_mask": mask}
+    return {"clip": torch.stack(clips), "start": torch.stack(starts), "text": states, "text_mask": mask,
+            "caption_dropout": torch.tensor([s.caption_dropout for s in batch])}
 
 
 class BatchStream:

@@ -42,6 +42,7 @@ class TrainSample:
     start: Ref
     text: Ref
     layout: Layout
+    caption_dropout: float = 0.0  # its dataset's captionDropout
 
 
 def read_entry(store: ObjectStore, key: str) -> dict[str, torch.Tensor]:
