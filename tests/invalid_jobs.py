@@ -166,6 +166,7 @@ CASES: list[Case] = [
     Case("output-both", lambda d: spec(d)["output"].update(local={"path": "/out"}), "spec.output.s3",
          "exactly one of s3"),
     Case("output-neither", setting("output", value={}), "spec.output.s3", "exactly one of s3"),
+    Case("init-lora-neither", setting("lora", "initFrom", value={}), "spec.lora.initFrom.s3", "exactly one of s3"),
     Case("missing-output", lambda d: spec(d).pop("output"), "spec.output", "required",
          api_text='Required value'),
     Case("no-datasets", setting("datasets", value=[]), "spec.datasets", "at least 1 item",

@@ -248,6 +248,13 @@ class LoraSpec(ApiModel):
         description="Module names of the DiT that get adapters (self-attention qkv/proj, cross-attention "
         "q_linear/kv_linear by default).",
     )
+    init_from: Location | None = Field(
+        None,
+        description="SimpleTuner init_lora: a folder holding a LoRA of ours to start from (pytorch_lora_weights."
+        "safetensors, else longcat_video_lora.safetensors: a finished job's lora/ or a checkpoint's folder); its "
+        "rank and targets must be the spec's. A resumed job starts from its own checkpoint instead. Empty: fresh "
+        "adapters.",
+    )
 
 
 class TrainingSpec(ApiModel):

@@ -42,6 +42,8 @@ from .pairing import (
     pair,
     report_orphan_start_frames,
 )
+from .failures import InvalidConfigError
+from .lora_files import init_problems, read_lora_folder
 from .s3 import S3AccessError
 from .sample_check import Checked, check_sample
 from .storage import CredentialsLookup, ObjectRecord, ObjectStore, env_credentials, store_for
@@ -112,6 +114,7 @@ class PreflightReport(BaseModel):
     clips: int = 0  # clips of the video datasets, paired or not
     unusable: int = 0  # of them, the ones left out
     max_bad_fraction: float = 0.0
+    init_lora_problems: list[str] = []  # why spec.lora.initFrom cannot start this job
 
     @property
     def too_many_unusable(self) -> bool:
@@ -119,7 +122,8 @@ class PreflightReport(BaseModel):
 
     @property
     def ok(self) -> bool:
-        return all(d.blocking == 0 for d in self.datasets) and not self.too_many_unusable
+        return all(d.blocking == 0 for d in self.datasets) and not self.too_many_unusable \
+            and not self.init_lora_problems
 
     def dataset(self, dataset_id: str) -> DatasetReport:
         return next(d for d in self.datasets if d.id == dataset_id)
@@ -150,7 +154,7 @@ class PreflightReport(BaseModel):
             out.append(f"{self.unusable} of {self.clips} samples are unusable "
                        f"({100 * self.unusable / self.clips:.1f} %, maxBadSampleFraction {self.max_bad_fraction}), "
                        f"{verdict}")
-        return out
+        return out + [f"error: {problem}" for problem in self.init_lora_problems]
 
 
 @dataclass(frozen=True)
@@ -319,6 +323,16 @@ def _excluded(specs: dict[str, DatasetSpec], classified: dict[str, Classified], 
     return excluded
 
 
+def init_lora_problems(spec: JobSpec, credentials: CredentialsLookup) -> list[str]:
+    """The rank and targets of the LoRA in spec.lora.initFrom against the spec, from its file's header."""
+    store = store_for(spec.lora.init_from, credentials=credentials, what="spec.lora.initFrom")
+    try:
+        folder = read_lora_folder(store)
+    except (InvalidConfigError, S3AccessError) as exc:
+        return [str(exc)]
+    return init_problems(spec.lora, folder)
+
+
 def run_preflight(
     spec: JobSpec,
     *,
@@ -355,6 +369,8 @@ def run_preflight(
         clips=clips, unusable=clips - sum(len(kept) for kept in samples.values()),
         max_bad_fraction=spec.training.max_bad_sample_fraction,
     )
+    if spec.lora.init_from is not None:
+        report.init_lora_problems = init_lora_problems(spec, credentials)
     log.info("preflight: %d datasets, %d clips, %d unusable, %.1fs, %s", len(used), clips, report.unusable,
              report.seconds, "ok" if report.ok else "problems found")
     return PreflightResult(report=report, samples=samples, stores=stores,

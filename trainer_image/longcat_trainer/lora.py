@@ -28,15 +28,17 @@ from torch import nn
 
 from longcat_job.api import LoraSpec
 from longcat_job.failures import InvalidConfigError
+from longcat_job.lora_files import (
+    DIFFUSERS_PREFIX,
+    OFFICIAL_HYPHEN,
+    OFFICIAL_PREFIX,
+    OFFICIAL_WEIGHTS,
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+)
 
 from .distributed import full_tensor
 
-PEFT_WEIGHTS = "pytorch_lora_weights.safetensors"
-PEFT_CONFIG = "adapter_config.json"
-OFFICIAL_WEIGHTS = "longcat_video_lora.safetensors"
-DIFFUSERS_PREFIX = "transformer."
-OFFICIAL_PREFIX = "lora___lorahyphen___"
-OFFICIAL_HYPHEN = "___lorahyphen___"
 
 
 def target_modules(model: nn.Module, targets: list[str]) -> list[str]:

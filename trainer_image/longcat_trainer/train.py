@@ -47,6 +47,7 @@ from .data.batches import BatchStream, DeviceBatches, to_device
 from .data.entries import read_entry, text_batch
 from .data.shards import DiskCache, ShardReader
 from .distributed import World
+from .initial_lora import initial_lora_state
 from .metrics import DEFAULT_METRICS_PORT, METRICS_PORT_ENV, RateLog, TrainerMetrics
 from .model.loading import load_dit
 from .model.prepare import prepare_for_training
@@ -137,7 +138,11 @@ def _train(job: LongCatI2VJob, hooks: Hooks, world: World, output: ObjectStore, 
 
     dit = load_dit(model_root, dtype=dtype, device=world.device)
     state = checkpoint.load_latest(output)
-    model = prepare_for_training(dit, spec, world, lora_state=state["lora"] if state is not None else None)
+    if state is not None:
+        start = state["lora"]
+    else:
+        start = initial_lora_state(spec.lora, dit) if spec.lora.init_from is not None else None
+    model = prepare_for_training(dit, spec, world, lora_state=start)
     run = TrainingRun(job, world, dit, model, dtype, output, reporter, metrics, cache, cache_stores, hooks,
                       model_root)
     if state is not None:

@@ -6,14 +6,13 @@ file: clip or start-frame latents (with the sample's bucket in its metadata) or 
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load as load_safetensors
 
 from longcat_job.buckets import Bucket
+from longcat_job.lora_files import safetensors_header
 from longcat_job.storage import ObjectStore
 
 from ..model import encode
@@ -52,9 +51,7 @@ def read_entry(store: ObjectStore, key: str) -> dict[str, torch.Tensor]:
 def read_layout(store: ObjectStore, key: str) -> Layout:
     """The bucket (in the metadata) and frame count (from the latents' shape) of a clip's latent entry, read from
     its safetensors header without fetching the tensors."""
-    with store.open_ranged(key) as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
+    header = safetensors_header(store, key)
     latent_frames = header["latents"]["shape"][1]  # [C, T, H, W]: the VAE keeps frame 0 and packs 4 per latent
     return Layout(Bucket.parse(header["__metadata__"]["bucket"]), (latent_frames - 1) * 4 + 1)
 

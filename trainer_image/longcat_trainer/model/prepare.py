@@ -5,7 +5,8 @@
     3. the checkpointing policy of each block (model/recompute.py): as many blocks as the card holds keep their
        self-attention output, the others recompute whole
     4. compile: each block's forward on CUDA (one graph per policy serves all 48 blocks)
-    5. a checkpoint's LoRA weights, when resuming (whole tensors, so before any sharding)
+    5. the LoRA to start from: a checkpoint's when resuming, else spec.lora.initFrom's (whole tensors, so before
+       any sharding)
     6. the DDP or FSDP wrap over the ranks
 
 The result is the module the training step calls; `dit` itself stays the unwrapped model (LoRA state,
