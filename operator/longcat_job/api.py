@@ -257,6 +257,17 @@ class LoraSpec(ApiModel):
     )
 
 
+class EmaSpec(ApiModel):
+    """An exponential moving average of the adapter weights, kept beside them (SimpleTuner use_ema)."""
+
+    decay: float = Field(0.999, gt=0, lt=1, description="SimpleTuner ema_decay: ema = decay * ema + (1 - decay) * w.")
+    every_steps: int = Field(1, ge=1, le=1_000_000, description="SimpleTuner ema_update_interval, in optimizer steps.")
+    device: Literal["gpu", "cpu"] = Field(
+        "gpu", description="SimpleTuner ema_device: where the average lives; `cpu` spares GPU memory and costs a "
+        "copy of the adapters to the host at every update."
+    )
+
+
 class TrainingSpec(ApiModel):
     batch_size: int = Field(1, ge=1, le=64, description="SimpleTuner train_batch_size (per GPU).")
     gradient_checkpointing: bool = Field(True, description="SimpleTuner gradient_checkpointing.")
@@ -287,6 +298,11 @@ class TrainingSpec(ApiModel):
     keep_checkpoints: int = Field(3, ge=1, le=1000, description="SimpleTuner checkpoints_total_limit.")
     max_bad_sample_fraction: float = Field(
         0.05, ge=0, le=1, description="Fail the job when more than this fraction of samples is unreadable."
+    )
+    ema: EmaSpec | None = Field(
+        None,
+        description="An EMA of the adapter weights: saved in checkpoints, exported to lora/ema/ beside the LoRA, and "
+        "used for the validation videos. Empty: no EMA.",
     )
 
 

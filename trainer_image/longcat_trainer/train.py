@@ -5,11 +5,12 @@ Every rank runs this; rank 0 alone writes the output (the caches are written by 
     <output>/manifest.json       the frozen samples (the operator's preflight, or rank 0 here when absent)
     <output>/progress.json       phase, step, loss, rate, ETA, cache hits, bad samples, artifacts
     <output>/checkpoints/        see checkpoint.py
-    <output>/lora/               the final LoRA in both formats (see lora.py)
+    <output>/lora/               the final LoRA in both formats (see lora.py); lora/ema/ the same of the EMA
     <output>/loss.png            the loss curve
     <output>/cache/<dataset>/    latents and text embeddings, unless the dataset names a vaeCache (see cache/)
 
-Validation (`Hooks.validate`) runs every `validation.everySteps` steps and at the end.
+Validation (`Hooks.validate`) runs every `validation.everySteps` steps and at the end, on the EMA weights when
+`training.ema` is on.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from .data.batches import BatchStream, DeviceBatches, to_device
 from .data.entries import read_entry, text_batch
 from .data.shards import DiskCache, ShardReader
 from .distributed import World
+from .ema import AdapterEMA
 from .initial_lora import initial_lora_state
 from .metrics import DEFAULT_METRICS_PORT, METRICS_PORT_ENV, RateLog, TrainerMetrics
 from .model.loading import load_dit
@@ -58,6 +60,7 @@ log = logging.getLogger(__name__)
 
 DATA_CACHE_ENV = "LONGCAT_DATA_CACHE"
 DATA_CACHE_BYTES = 20 << 30
+EMA_FOLDER = "ema/"
 
 
 @dataclass
@@ -210,6 +213,7 @@ class TrainingRun:
         self.step, self.history = 0, []
         self.stream = self._stream(epoch=0, index=0)
         self.empty_prompt = self._empty_prompt() if any(s.caption_dropout for s in cache.samples) else None
+        self.ema = AdapterEMA(dit, self.train.ema, world.device) if self.train.ema is not None else None
 
     def _empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The empty prompt's text states and mask on the device: what a dropped caption trains on."""
@@ -232,6 +236,7 @@ class TrainingRun:
             "data": self.stream.position(),
             "loss_history": self.history,
             "rng": distributed.gather_objects(checkpoint.rng_state(self.noise_rng)),
+            **({"ema": self.ema.state()} if self.ema is not None else {}),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -245,14 +250,18 @@ class TrainingRun:
         else:
             log.warning("checkpoint has %d ranks' RNG states, this run %d: noise streams start afresh",
                         len(state["rng"]), self.world.world_size)
+        if self.ema is not None and "ema" in state:
+            self.ema.load(state["ema"])
+        elif self.ema is not None:
+            log.warning("the checkpoint has no EMA (training.ema was off): the EMA starts from its weights")
         self.reporter.doc.artifacts.latest_checkpoint = uri(self.output, checkpoint.step_prefix(self.step))
 
     def save(self) -> None:
         started = time.monotonic()
         state = self.state()
+        files = self.lora_files(state["lora"])  # every rank: a collective under FSDP
         if self.world.is_main:
-            prefix = checkpoint.save(self.output, self.step, state, lora.export_files(state["lora"], self.spec.lora),
-                                     self.train.keep_checkpoints)
+            prefix = checkpoint.save(self.output, self.step, state, files, self.train.keep_checkpoints)
             artifacts = self.reporter.doc.artifacts
             artifacts.latest_checkpoint = uri(self.output, prefix)
             kept = artifacts.checkpoints + [artifacts.latest_checkpoint]
@@ -260,6 +269,15 @@ class TrainingRun:
             self.reporter.write(force=True)
         distributed.barrier()
         self.metrics.checkpoint_seconds.observe(time.monotonic() - started)
+
+    def lora_files(self, trained: dict[str, torch.Tensor]) -> dict[str, bytes]:
+        """The LoRA files of the trained adapters, and of their EMA under ema/ when there is one."""
+        files = lora.export_files(trained, self.spec.lora)
+        if self.ema is not None:
+            with self.ema.applied():
+                average = lora.lora_state(self.dit)
+            files |= {f"{EMA_FOLDER}{name}": data for name, data in lora.export_files(average, self.spec.lora).items()}
+        return files
 
     def info(self) -> StepInfo:
         return StepInfo(self.step, self.dit, self.world, self.job, self.model_root, self.output, self.cache,
@@ -269,7 +287,8 @@ class TrainingRun:
         if self.hooks.validate is not None:
             started = time.monotonic()
             self.dit.eval()
-            self.reporter.doc.artifacts.validation_videos += self.hooks.validate(self.info())
+            with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+                self.reporter.doc.artifacts.validation_videos += self.hooks.validate(self.info())
             self.dit.train()
             self.metrics.validation_seconds.observe(time.monotonic() - started)
 
@@ -302,6 +321,8 @@ class TrainingRun:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.step)
         return distributed.mean_across_ranks(loss_sum, device), tokens
 
     def loop(self) -> None:
@@ -350,9 +371,9 @@ class TrainingRun:
     def finish(self) -> None:
         """Validation at the end, the final LoRA and the loss curve."""
         self.validate()
-        state = lora.lora_state(self.dit)  # every rank: a collective under FSDP
+        files = self.lora_files(lora.lora_state(self.dit))  # every rank: a collective under FSDP
         if self.world.is_main:
-            for name, data in lora.export_files(state, self.spec.lora).items():
+            for name, data in files.items():
                 self.output.put_bytes(f"lora/{name}", data)
             self.output.put_bytes(LOSS_CURVE, loss_curve_png(self.history))
             self.reporter.doc.artifacts.lora = uri(self.output, f"lora/{lora.PEFT_WEIGHTS}")
