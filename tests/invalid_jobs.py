@@ -170,6 +170,8 @@ CASES: list[Case] = [
     Case("output-both", lambda d: spec(d)["output"].update(local={"path": "/out"}), "spec.output.s3",
          "exactly one of s3"),
     Case("output-neither", setting("output", value={}), "spec.output.s3", "exactly one of s3"),
+    Case("lora-format-unknown", setting("lora", "formats", value=["safetensors"]), "spec.lora.formats[0]",
+         "'peft', 'official' or 'comfyui'", api_text='supported values: "peft", "official", "comfyui"'),
     Case("init-lora-neither", setting("lora", "initFrom", value={}), "spec.lora.initFrom.s3", "exactly one of s3"),
     Case("missing-output", lambda d: spec(d).pop("output"), "spec.output", "required",
          api_text='Required value'),

@@ -248,6 +248,12 @@ class LoraSpec(ApiModel):
         description="Module names of the DiT that get adapters (self-attention qkv/proj, cross-attention "
         "q_linear/kv_linear by default).",
     )
+    formats: list[Literal["peft", "official", "comfyui"]] = Field(
+        default_factory=lambda: ["peft", "official", "comfyui"], min_length=1, max_length=3,
+        description="LoRA files written (final and in checkpoints): `peft` pytorch_lora_weights.safetensors and "
+        "adapter_config.json (peft, diffusers), `official` longcat_video_lora.safetensors (LongCat-Video's own "
+        "loader), `comfyui` longcat_video_lora_comfyui.safetensors (ComfyUI-WanVideoWrapper's LongCat path).",
+    )
     init_from: Location | None = Field(
         None,
         description="SimpleTuner init_lora: a folder holding a LoRA of ours to start from (pytorch_lora_weights."
@@ -587,7 +593,8 @@ class Progress(ApiModel):
 
 
 class Artifacts(ApiModel):
-    lora: str | None = Field(None, description="URI of the final pytorch_lora_weights.safetensors.")
+    lora: str | None = Field(None, description="URI of the final LoRA: pytorch_lora_weights.safetensors, or the "
+                             "first of spec.lora.formats when peft is not among them.")
     checkpoints: list[str] = Field(default_factory=list)
     latest_checkpoint: str | None = None
     validation_videos: list[str] = Field(default_factory=list)

@@ -22,6 +22,9 @@ from .storage import ObjectStore
 PEFT_WEIGHTS = "pytorch_lora_weights.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 OFFICIAL_WEIGHTS = "longcat_video_lora.safetensors"
+COMFYUI_WEIGHTS = "longcat_video_lora_comfyui.safetensors"  # ComfyUI-WanVideoWrapper's names: comfyui_lora.py
+# The weights file of each spec.lora.formats entry.
+FORMAT_FILES = {"peft": PEFT_WEIGHTS, "official": OFFICIAL_WEIGHTS, "comfyui": COMFYUI_WEIGHTS}
 DIFFUSERS_PREFIX = "transformer."
 OFFICIAL_PREFIX = "lora___lorahyphen___"
 OFFICIAL_HYPHEN = "___lorahyphen___"

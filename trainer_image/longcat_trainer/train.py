@@ -5,7 +5,7 @@ Every rank runs this; rank 0 alone writes the output (the caches are written by 
     <output>/manifest.json       the frozen samples (the operator's preflight, or rank 0 here when absent)
     <output>/progress.json       phase, step, loss, rate, ETA, cache hits, bad samples, artifacts
     <output>/checkpoints/        see checkpoint.py
-    <output>/lora/               the final LoRA in both formats (see lora.py); lora/ema/ the same of the EMA
+    <output>/lora/               the final LoRA in spec.lora.formats (lora.py); lora/ema/ the same of the EMA
     <output>/loss.png            the loss curve
     <output>/cache/<dataset>/    latents and text embeddings, unless the dataset names a vaeCache (see cache/)
 
@@ -30,6 +30,7 @@ from diffusers.optimization import get_scheduler
 
 from longcat_job.api import LongCatI2VJob
 from longcat_job.failures import BadInputError, Preempted, classify
+from longcat_job.lora_files import FORMAT_FILES
 from longcat_job.preflight import run_preflight
 from longcat_job.progress import BadSamples, CacheCounts
 from longcat_job.sample_manifest import (
@@ -376,7 +377,8 @@ class TrainingRun:
             for name, data in files.items():
                 self.output.put_bytes(f"lora/{name}", data)
             self.output.put_bytes(LOSS_CURVE, loss_curve_png(self.history))
-            self.reporter.doc.artifacts.lora = uri(self.output, f"lora/{lora.PEFT_WEIGHTS}")
+            main = "peft" if "peft" in self.spec.lora.formats else self.spec.lora.formats[0]
+            self.reporter.doc.artifacts.lora = uri(self.output, f"lora/{FORMAT_FILES[main]}")
             log.info("LoRA written to %s", self.reporter.doc.artifacts.lora)
         self.reporter.phase("Succeeded")
         distributed.barrier()
