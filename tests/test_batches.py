@@ -10,14 +10,14 @@ from safetensors.torch import save as save_safetensors
 from longcat_job.buckets import Bucket
 from longcat_job.storage import LocalStore
 from longcat_trainer.data.batches import BatchStream, DeviceBatches, epoch_batches
-from longcat_trainer.data.entries import Ref, TrainSample
+from longcat_trainer.data.entries import Layout, Ref, TrainSample
 from longcat_trainer.data.shards import shard
 
 
 def samples(n: int) -> list[TrainSample]:
-    buckets = [Bucket(448, 832), Bucket(832, 448)]
+    layouts = [Layout(Bucket(448, 832), 9), Layout(Bucket(832, 448), 9)]
     return [
-        TrainSample(f"clips/{i}", Ref("c", f"{i}"), Ref("f", f"{i}"), Ref("c", f"t{i}"), buckets[i % 3 == 0])
+        TrainSample(f"clips/{i}", Ref("c", f"{i}"), Ref("f", f"{i}"), Ref("c", f"t{i}"), layouts[i % 3 == 0])
         for i in range(n)
     ]
 
@@ -25,7 +25,7 @@ def samples(n: int) -> list[TrainSample]:
 def test_batches_hold_one_bucket_and_repeat_per_seed_and_epoch() -> None:
     data = samples(12)  # 4 portrait, 8 landscape
     batches = epoch_batches(data, 3, seed=5, epoch=0)
-    assert all(len(b) == 3 and len({s.bucket for s in b}) == 1 for b in batches)
+    assert all(len(b) == 3 and len({s.layout for s in b}) == 1 for b in batches)
     assert len(batches) == 1 + 2  # the incomplete batch of each bucket is dropped
     assert epoch_batches(data, 3, seed=5, epoch=0) == batches
     assert epoch_batches(data, 3, seed=5, epoch=1) != batches

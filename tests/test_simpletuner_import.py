@@ -55,14 +55,14 @@ def test_seed_with_validation_split_is_a_valid_job():
 
 
 def test_unmappable_settings_are_named_and_credentials_never_copied():
-    config = {**CONFIG, "eval_dataset_id": None, "use_ema": True, "base_model_precision": "int8-quanto"}
+    config = {**CONFIG, "eval_dataset_id": None, "use_fsdp": True, "base_model_precision": "int8-quanto"}
     aws = {"id": "remote", "type": "aws", "dataset_type": "video", "aws_bucket_name": "clips",
            "aws_data_prefix": "v/", "aws_endpoint_url": "http://127.0.0.1:9000",
            "aws_access_key_id": "AKIAEXAMPLEKEY", "aws_secret_access_key": "very-secret-value", "crop": True}
     text = {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds"}
     result = import_simpletuner(config, [*BACKENDS, aws, text], name="x", output="/out")
     notes = "\n".join(result.notes)
-    assert "'use_ema' has no equivalent" in notes
+    assert "'use_fsdp' has no equivalent" in notes
     assert "'crop' has no equivalent" in notes
     assert "dataset 'text-embeds'" in notes
     assert "inline AWS credentials were not copied" in notes
@@ -93,3 +93,33 @@ def test_cli_exits_1_and_names_the_missing_split():
     assert result.returncode == 1
     assert "not mapped: config.json: eval_dataset_id 'longcat-video-val' is not declared" in result.stderr
     assert "invalid: spec.validation.evalDatasetId" in result.stderr
+
+
+def test_dropout_init_lora_ema_and_length_buckets_map_to_their_fields():
+    config = {**CONFIG, "caption_dropout_probability": 0.1, "init_lora": "/loras/previous/pytorch_lora_weights.safetensors",
+              "use_ema": True, "ema_decay": 0.995, "ema_update_interval": 5, "ema_device": "cpu"}
+    backends = json.loads(json.dumps(BACKENDS + VAL_SPLIT))
+    backends[0]["video"] = {"num_frames": 93, "min_frames": 33, "max_frames": 93, "bucket_strategy": "resolution_frames",
+                            "frame_interval": 30}
+    result = import_simpletuner(config, backends, name="seed", output="s3://my-loras/seed/")
+    spec = parse_job(result.job).spec
+    train = spec.dataset("longcat-video-train")
+    assert train.caption_dropout == 0.1 and spec.dataset("longcat-video-val").caption_dropout == 0.1
+    assert train.frame_counts() == (33, 61, 93)  # 93, 63 -> 61, 33
+    assert spec.lora.init_from.local.path == "/loras/previous"
+    ema = spec.training.ema
+    assert (ema.decay, ema.every_steps, ema.device) == (0.995, 5, "cpu")
+    assert [n for n in result.notes if "frameBuckets [33, 61, 93]" not in n] == []
+
+
+def test_what_does_not_map_is_named():
+    config = {**CONFIG, "init_lora": "/loras/mine.safetensors", "use_ema": False, "ema_decay": 0.9}
+    backends = json.loads(json.dumps(BACKENDS + VAL_SPLIT))
+    backends[0]["video"] = {"num_frames": 93, "min_frames": 33, "bucket_strategy": "aspect_ratio", "max_frames": 121}
+    result = import_simpletuner(config, backends, name="seed", output="s3://my-loras/seed/")
+    notes = "\n".join(result.notes)
+    assert "init_lora '/loras/mine.safetensors': lora.initFrom reads pytorch_lora_weights.safetensors" in notes
+    assert "video.min_frames only matters with bucket_strategy resolution_frames" in notes
+    assert "video.max_frames only matters" in notes
+    spec = parse_job(result.job).spec
+    assert spec.training.ema is None and spec.dataset("longcat-video-train").frame_buckets is None

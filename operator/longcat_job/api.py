@@ -256,6 +256,30 @@ class LoraSpec(ApiModel):
         description="Module names of the DiT that get adapters (self-attention qkv/proj, cross-attention "
         "q_linear/kv_linear by default).",
     )
+    formats: list[Literal["peft", "official", "comfyui"]] = Field(
+        default_factory=lambda: ["peft", "official", "comfyui"], min_length=1, max_length=3,
+        description="LoRA files written (final and in checkpoints): `peft` pytorch_lora_weights.safetensors and "
+        "adapter_config.json (peft, diffusers), `official` longcat_video_lora.safetensors (LongCat-Video's own "
+        "loader), `comfyui` longcat_video_lora_comfyui.safetensors (ComfyUI-WanVideoWrapper's LongCat path).",
+    )
+    init_from: Location | None = Field(
+        None,
+        description="SimpleTuner init_lora: a folder holding a LoRA of ours to start from (pytorch_lora_weights."
+        "safetensors, else longcat_video_lora.safetensors: a finished job's lora/ or a checkpoint's folder); its "
+        "rank and targets must be the spec's. A resumed job starts from its own checkpoint instead. Empty: fresh "
+        "adapters.",
+    )
+
+
+class EmaSpec(ApiModel):
+    """An exponential moving average of the adapter weights, kept beside them (SimpleTuner use_ema)."""
+
+    decay: float = Field(0.999, gt=0, lt=1, description="SimpleTuner ema_decay: ema = decay * ema + (1 - decay) * w.")
+    every_steps: int = Field(1, ge=1, le=1_000_000, description="SimpleTuner ema_update_interval, in optimizer steps.")
+    device: Literal["gpu", "cpu"] = Field(
+        "gpu", description="SimpleTuner ema_device: where the average lives; `cpu` spares GPU memory and costs a "
+        "copy of the adapters to the host at every update."
+    )
 
 
 class TrainingSpec(ApiModel):
@@ -296,6 +320,11 @@ class TrainingSpec(ApiModel):
     max_bad_sample_fraction: float = Field(
         0.05, ge=0, le=1, description="Fail the job when more than this fraction of samples is unreadable."
     )
+    ema: EmaSpec | None = Field(
+        None,
+        description="An EMA of the adapter weights: saved in checkpoints, exported to lora/ema/ beside the LoRA, and "
+        "used for the validation videos. Empty: no EMA.",
+    )
 
 
 class DatasetSpec(ApiModel):
@@ -314,12 +343,26 @@ class DatasetSpec(ApiModel):
         480, ge=16, description="SimpleTuner resolution: target short side in pixels."
     )
     frames: Annotated[int, FramesRule, FramesLimitRule] = Field(93, ge=5, description="SimpleTuner video.num_frames.")
+    frame_buckets: list[Annotated[int, FramesRule, FramesLimitRule, Field(ge=5)]] | None = Field(
+        None, min_length=1, max_length=16,
+        description="Frame counts a clip may train at (each with (n - 1) % 4 == 0): a clip trains at the largest "
+        "it can fill, from its frame 0; shorter clips than the smallest are skipped. Empty: [frames].",
+    )
+    caption_dropout: float = Field(
+        0.0, ge=0, le=1,
+        description="SimpleTuner caption_dropout_probability: the chance that a sample trains on the empty prompt's "
+        "text states instead of its caption's, drawn per (seed, step, sample) so a resumed run draws the same.",
+    )
     conditioning_data: list[Annotated[str, Field(max_length=63)]] = Field(
         default_factory=list, max_length=8, description="SimpleTuner conditioning_data: ids of start-frame datasets."
     )
     vae_cache: Location | None = Field(
         None, description="SimpleTuner cache_dir_vae; empty means under the output location's cache/<id>/."
     )
+
+    def frame_counts(self) -> tuple[int, ...]:
+        """The frame buckets, ascending: `frameBuckets`, or `frames` alone."""
+        return tuple(sorted(set(self.frame_buckets or [self.frames])))
 
     object_rules = (
         ObjectRule(
@@ -612,7 +655,8 @@ class Progress(ApiModel):
 
 
 class Artifacts(ApiModel):
-    lora: str | None = Field(None, description="URI of the final pytorch_lora_weights.safetensors.")
+    lora: str | None = Field(None, description="URI of the final LoRA: pytorch_lora_weights.safetensors, or the "
+                             "first of spec.lora.formats when peft is not among them.")
     checkpoints: list[str] = Field(default_factory=list)
     latest_checkpoint: str | None = None
     validation_videos: list[str] = Field(default_factory=list)

@@ -15,11 +15,16 @@ For resolution 480 and alignment 64 the target is 399,360 pixels and the buckets
 shape are 448x832 (372,736 px), 512x832 (425,984), 448x896 and 512x768; 480x832 itself is not on the
 64 grid (480 = 7.5 x 64), and a 480x832 clip lands in 512x832 (aspect 1.625 vs 1.733; 448x832 is 1.857).
 Portrait clips get the twins (832x448, 832x512, ...). With alignment 16, 480x832 is itself a bucket.
+
+Frame buckets (a dataset's `frameBuckets`, or its `frames` alone): a clip trains at the largest count it can
+fill, taken from its frame 0 (the start frame is the clip's first picture); a clip shorter than the smallest
+count is skipped. A batch holds one (size, frames) bucket.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -73,3 +78,8 @@ def bucket_for(height: int, width: int, resolution: int, alignment: int) -> Buck
         buckets(resolution, alignment),
         key=lambda b: (round(abs(math.log(b.width / b.height) - aspect), 9), abs(b.height * b.width - target)),
     )
+
+
+def frame_bucket(available: int, counts: Sequence[int]) -> int | None:
+    """The largest frame count of `counts` that a clip of `available` frames fills; None when it fills none."""
+    return max((n for n in counts if n <= available), default=None)

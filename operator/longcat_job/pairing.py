@@ -63,7 +63,8 @@ HINTS: dict[ProblemKind, str] = {
     ProblemKind.DUPLICATE_STEM: "keep one file per stem: these differ only by extension",
     ProblemKind.UNKNOWN_TYPE: "not a clip (mp4, mov, webm, mkv), start frame (png, jpg, jpeg, webp) or caption "
     "(.txt) of this dataset, ignored",
-    ProblemKind.CLIP_TOO_SHORT: "the clip has fewer frames than the dataset's `frames`: lower `frames` or drop it",
+    ProblemKind.CLIP_TOO_SHORT: "the clip has fewer frames than the dataset's smallest frame bucket (`frameBuckets`, "
+    "or `frames`): add a smaller bucket, lower `frames`, or drop it",
     ProblemKind.CLIP_TOO_SMALL: "the clip's shorter side is below the dataset's `resolution`: drop it or lower "
     "`resolution`",
     ProblemKind.CLIP_UNREADABLE: "PyAV cannot open or decode this clip: re-encode it (e.g. H.264 in MP4)",

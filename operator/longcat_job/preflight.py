@@ -17,6 +17,7 @@ import logging
 import posixpath
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,8 +42,10 @@ from .pairing import (
     pair,
     report_orphan_start_frames,
 )
+from .failures import InvalidConfigError
+from .lora_files import init_problems, read_lora_folder
 from .s3 import S3AccessError
-from .sample_check import Finding, check_sample
+from .sample_check import Checked, check_sample
 from .storage import CredentialsLookup, ObjectRecord, ObjectStore, env_credentials, store_for
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,7 @@ class DatasetReport(BaseModel):
     media: int = 0  # clips of a video dataset, start frames of a conditioning dataset
     captions: int = 0
     samples: int = 0  # usable samples (video datasets)
+    frame_buckets: dict[int, int] = {}  # frame count -> usable clips that train at it (deep check only)
     access_error: str | None = None
     problems: list[ProblemReport] = []
 
@@ -110,6 +114,7 @@ class PreflightReport(BaseModel):
     clips: int = 0  # clips of the video datasets, paired or not
     unusable: int = 0  # of them, the ones left out
     max_bad_fraction: float = 0.0
+    init_lora_problems: list[str] = []  # why spec.lora.initFrom cannot start this job
 
     @property
     def too_many_unusable(self) -> bool:
@@ -117,7 +122,8 @@ class PreflightReport(BaseModel):
 
     @property
     def ok(self) -> bool:
-        return all(d.blocking == 0 for d in self.datasets) and not self.too_many_unusable
+        return all(d.blocking == 0 for d in self.datasets) and not self.too_many_unusable \
+            and not self.init_lora_problems
 
     def dataset(self, dataset_id: str) -> DatasetReport:
         return next(d for d in self.datasets if d.id == dataset_id)
@@ -131,6 +137,9 @@ class PreflightReport(BaseModel):
             if d.role != "conditioning":
                 head += f", {d.captions} captions, {d.samples} usable samples"
             out.append(head)
+            if len(d.frame_buckets) > 1:
+                spread = ", ".join(f"{n} frames: {count}" for n, count in sorted(d.frame_buckets.items()))
+                out.append(f"  clips per frame bucket: {spread}")
             if d.access_error:
                 out.append(f"  error: {d.access_error}")
             for p in d.problems:
@@ -145,7 +154,7 @@ class PreflightReport(BaseModel):
             out.append(f"{self.unusable} of {self.clips} samples are unusable "
                        f"({100 * self.unusable / self.clips:.1f} %, maxBadSampleFraction {self.max_bad_fraction}), "
                        f"{verdict}")
-        return out
+        return out + [f"error: {problem}" for problem in self.init_lora_problems]
 
 
 @dataclass(frozen=True)
@@ -252,31 +261,38 @@ def _pair_all(specs: dict[str, DatasetSpec], roles: dict[str, Role], classified:
     return samples
 
 
+@dataclass
+class DeepResult:
+    kept: dict[str, list[Sample]]  # video dataset id -> the samples whose files pass
+    reasons: dict[str, str]  # '<dataset>/<clip key>' -> the first finding of a sample that does not
+    frame_buckets: dict[str, Counter[int]]  # video dataset id -> frame count -> kept clips that train at it
+
+
 def deep_check(specs: dict[str, DatasetSpec], stores: dict[str, ObjectStore], samples: dict[str, list[Sample]],
-               classified: dict[str, Classified], workers: int = DEEP_WORKERS
-               ) -> tuple[dict[str, list[Sample]], dict[str, str]]:
-    """The samples whose files pass `check_sample`, and the first finding of each that does not (by
-    '<dataset>/<clip key>'); every finding goes to its dataset's problems."""
+               classified: dict[str, Classified], workers: int = DEEP_WORKERS) -> DeepResult:
+    """Every sample through `check_sample`; every finding goes to its dataset's problems."""
     work = [(dataset_id, sample) for dataset_id, found in samples.items() for sample in found]
     progress = _Progress("preflight: samples checked", total=len(work))
     readers = {dataset_id: store.for_small_reads() for dataset_id, store in stores.items()}
 
-    def check(item: tuple[str, Sample]) -> list[Finding]:
-        findings = check_sample(specs[item[0]], readers, item[1])
+    def check(item: tuple[str, Sample]) -> Checked:
+        checked = check_sample(specs[item[0]], readers, item[1])
         progress.add()
-        return findings
+        return checked
 
-    kept: dict[str, list[Sample]] = {dataset_id: [] for dataset_id in samples}
-    reasons: dict[str, str] = {}
+    result = DeepResult({dataset_id: [] for dataset_id in samples}, {},
+                        {dataset_id: Counter() for dataset_id in samples})
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for (dataset_id, sample), findings in zip(work, pool.map(check, work)):
+        for (dataset_id, sample), checked in zip(work, pool.map(check, work)):
+            findings = checked.findings
             for finding in findings:
                 classified[dataset_id].problems.add(finding.kind, finding.example)
             if findings:
-                reasons[f"{dataset_id}/{sample.clip.key}"] = f"{findings[0].kind.value}: {findings[0].example}"
+                result.reasons[f"{dataset_id}/{sample.clip.key}"] = f"{findings[0].kind.value}: {findings[0].example}"
             else:
-                kept[dataset_id].append(sample)
-    return kept, reasons
+                result.kept[dataset_id].append(sample)
+                result.frame_buckets[dataset_id][checked.frame_bucket] += 1
+    return result
 
 
 def _pairing_reason(spec: DatasetSpec, clip: ObjectRecord, classified: dict[str, Classified]) -> str:
@@ -307,6 +323,16 @@ def _excluded(specs: dict[str, DatasetSpec], classified: dict[str, Classified], 
     return excluded
 
 
+def init_lora_problems(spec: JobSpec, credentials: CredentialsLookup) -> list[str]:
+    """The rank and targets of the LoRA in spec.lora.initFrom against the spec, from its file's header."""
+    store = store_for(spec.lora.init_from, credentials=credentials, what="spec.lora.initFrom")
+    try:
+        folder = read_lora_folder(store)
+    except (InvalidConfigError, S3AccessError) as exc:
+        return [str(exc)]
+    return init_problems(spec.lora, folder)
+
+
 def run_preflight(
     spec: JobSpec,
     *,
@@ -329,11 +355,13 @@ def run_preflight(
         for dataset_id, records in _list_all(stores, reports, workers).items()
     }
     paired = _pair_all(specs, roles, classified)
-    samples, reasons = deep_check(specs, stores, paired, classified) if deep else (paired, {})
+    checked = deep_check(specs, stores, paired, classified) if deep else DeepResult(paired, {}, {})
+    samples, reasons = checked.kept, checked.reasons
     for dataset_id, c in classified.items():
         report = reports[dataset_id]
         report.objects, report.media, report.captions = c.objects, len(c.media), len(c.captions)
         report.samples = len(samples.get(dataset_id, ()))
+        report.frame_buckets = dict(checked.frame_buckets.get(dataset_id, {}))
         report.problems = _problem_reports(c.problems.all())
     clips = sum(len(classified[dataset_id].media) for dataset_id in samples)
     report = PreflightReport(
@@ -341,6 +369,8 @@ def run_preflight(
         clips=clips, unusable=clips - sum(len(kept) for kept in samples.values()),
         max_bad_fraction=spec.training.max_bad_sample_fraction,
     )
+    if spec.lora.init_from is not None:
+        report.init_lora_problems = init_lora_problems(spec, credentials)
     log.info("preflight: %d datasets, %d clips, %d unusable, %.1fs, %s", len(used), clips, report.unusable,
              report.seconds, "ok" if report.ok else "problems found")
     return PreflightResult(report=report, samples=samples, stores=stores,

@@ -31,7 +31,7 @@ class BadSamples(ApiModel):
 
     count: int = Field(0, ge=0)
     total: int = Field(0, ge=0, description="Samples examined, bad ones included.")
-    too_short: int = Field(0, ge=0, description="Clips with fewer frames than the dataset's `frames` (skipped).")
+    too_short: int = Field(0, ge=0, description="Clips shorter than the dataset's smallest frame bucket (skipped).")
     examples: list[str] = Field(default_factory=list, max_length=20, description="'dataset/key: reason' lines.")
 
 

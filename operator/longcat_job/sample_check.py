@@ -1,8 +1,9 @@
 """The deep part of preflight: each sample's files read just far enough to know the trainer can use them.
 
     clip         ranged reads of the container header and the first frame: it opens, has a video stream, its
-                 first frame decodes, it has at least the dataset's `frames` (the header's count, or duration x
-                 rate where the container keeps none), and its shorter side reaches the dataset's `resolution`
+                 first frame decodes, it fills the dataset's smallest frame bucket (the header's count, or
+                 duration x rate where the container keeps none; the largest bucket it fills is the one it trains
+                 at), and its shorter side reaches the dataset's `resolution`
     start frame  a ranged read of its header: an image of its clip's pixel size
     caption      valid UTF-8, not blank, at most MAX_CAPTION_CHARS
 
@@ -18,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .api import DatasetSpec
+from .buckets import frame_bucket
 from .pairing import ProblemKind, Sample
 from .storage import ObjectRecord, ObjectStore
 
@@ -33,6 +35,12 @@ IMAGE_BLOCK = 64 * 1024  # image headers sit in the first few KB
 class Finding:
     kind: ProblemKind
     example: str  # "<key> (<what was found>)": what the report lists
+
+
+@dataclass(frozen=True)
+class Checked:
+    findings: list[Finding]
+    frame_bucket: int | None  # the frame count the clip trains at; None when it cannot be read or is too short
 
 
 @dataclass(frozen=True)
@@ -96,19 +104,23 @@ def caption_finding(key: str, data: bytes) -> Finding | None:
     return None
 
 
-def check_sample(spec: DatasetSpec, stores: Mapping[str, ObjectStore], sample: Sample) -> list[Finding]:
-    """Everything wrong with one sample of video dataset `spec` (stores: dataset id -> its store)."""
+def check_sample(spec: DatasetSpec, stores: Mapping[str, ObjectStore], sample: Sample) -> Checked:
+    """Everything wrong with one sample of video dataset `spec` (stores: dataset id -> its store), and the frame
+    bucket its clip trains at."""
     store = stores[spec.id]
     found: list[Finding] = []
     clip_key = sample.clip.key
+    bucket = None
     try:
         header: ClipHeader | None = read_clip_header(store, sample.clip)
     except Unreadable as exc:
         header = None
         found.append(Finding(ProblemKind.CLIP_UNREADABLE, f"{clip_key} ({exc})"))
     if header is not None:
-        if header.frames < spec.frames:
-            found.append(Finding(ProblemKind.CLIP_TOO_SHORT, f"{clip_key} ({header.frames} < {spec.frames} frames)"))
+        counts = spec.frame_counts()
+        bucket = frame_bucket(header.frames, counts)
+        if bucket is None:
+            found.append(Finding(ProblemKind.CLIP_TOO_SHORT, f"{clip_key} ({header.frames} < {counts[0]} frames)"))
         if min(header.width, header.height) < spec.resolution:
             found.append(Finding(ProblemKind.CLIP_TOO_SMALL,
                                  f"{clip_key} ({header.width}x{header.height} < {spec.resolution})"))
@@ -126,4 +138,4 @@ def check_sample(spec: DatasetSpec, stores: Mapping[str, ObjectStore], sample: S
         finding = caption_finding(sample.caption.key, store.get_bytes(sample.caption.key))
         if finding is not None:
             found.append(finding)
-    return found
+    return Checked(found, bucket)

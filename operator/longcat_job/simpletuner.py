@@ -1,7 +1,9 @@
 """Imports SimpleTuner's `config.json` and `multidatabackend.json` into a LongCatI2VJob document.
 
 Each SimpleTuner setting maps to the spec field whose description names it. What has no place in the job is
-reported, never silently dropped; inline credentials are never copied (they belong in a Secret).
+reported, never silently dropped; inline credentials are never copied (they belong in a Secret). Caption
+dropout, init_lora, the EMA settings and length bucketing (video.bucket_strategy resolution_frames) map to
+captionDropout, lora.initFrom, training.ema and frameBuckets.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import api
+from . import api, lora_files
 
 # config.json key -> path of the spec field (camelCase, as written in YAML).
 CONFIG_FIELDS: dict[str, tuple[str, ...]] = {
@@ -44,8 +46,11 @@ CONFIG_FIELDS: dict[str, tuple[str, ...]] = {
     "validation_seed": ("validation", "seed"),
     "aspect_bucket_alignment": ("aspectBucketAlignment",),
 }
-# Settings that only say where SimpleTuner finds things this job carries itself.
+# Settings that only say where SimpleTuner finds things this job carries itself, or that `_features` maps.
 ABSORBED = {"data_backend_config", "output_dir", "pretrained_model_name_or_path"}
+FEATURE_KEYS = {"caption_dropout_probability", "init_lora", "use_ema", "ema_decay", "ema_update_interval",
+                "ema_device", "ema_cpu_only"}
+MAX_FRAME_BUCKETS = 16  # api.DatasetSpec.frame_buckets' limit
 # SimpleTuner writes "no quantization" and "no lora_alpha" in these ways.
 NO_QUANTIZATION = {None, "no_change", "none"}
 DATASET_TYPES = {"video", "conditioning"}
@@ -103,9 +108,10 @@ def _dataset(entry: dict[str, Any], notes: list[str]) -> dict[str, Any] | None:
         out["captionStrategy"] = entry["caption_strategy"]
     if entry.get("resolution") is not None:
         out["resolution"] = entry["resolution"]
-    frames = (entry.get("video") or {}).get("num_frames")
-    if frames is not None:
-        out["frames"] = frames
+    video = entry.get("video") or {}
+    if video.get("num_frames") is not None:
+        out["frames"] = video["num_frames"]
+    _frame_buckets(video, out, where, notes)
     conditioning = entry.get("conditioning_data")
     if conditioning:
         out["conditioningData"] = [conditioning] if isinstance(conditioning, str) else list(conditioning)
@@ -117,6 +123,60 @@ def _dataset(entry: dict[str, Any], notes: list[str]) -> dict[str, Any] | None:
     for key in sorted(entry.keys() - known):
         notes.append(f"{where}: setting {key!r} has no equivalent, left out")
     return out
+
+
+def _frame_buckets(video: dict[str, Any], out: dict[str, Any], where: str, notes: list[str]) -> None:
+    """SimpleTuner's `bucket_strategy: resolution_frames` buckets clips by length, every `frame_interval` frames
+    between min_frames and max_frames: here the counts of that range the VAE takes ((n - 1) % 4 == 0)."""
+    strategy = video.get("bucket_strategy", "aspect_ratio")
+    ranged = [key for key in ("min_frames", "max_frames", "frame_interval") if video.get(key) is not None]
+    for key in sorted(video.keys() - {"num_frames", "bucket_strategy", "min_frames", "max_frames", "frame_interval"}):
+        notes.append(f"{where}: setting 'video.{key}' has no equivalent, left out")
+    if strategy != "resolution_frames":
+        if strategy != "aspect_ratio":
+            notes.append(f"{where}: video.bucket_strategy {strategy!r} has no equivalent, left out")
+        for key in ranged:
+            notes.append(f"{where}: video.{key} only matters with bucket_strategy resolution_frames here; left out "
+                         "(a clip shorter than `frames` is skipped)")
+        return
+    longest = video.get("max_frames") or video.get("num_frames") or api.DatasetSpec.model_fields["frames"].default
+    shortest = max(5, video.get("min_frames") or 5)
+    interval = max(1, video.get("frame_interval") or 4)
+    # Every interval-th count down from the longest, each rounded down to one the VAE takes.
+    snapped = {(n - 1) // 4 * 4 + 1 for n in range(longest, shortest - 1, -interval)}
+    counts = sorted(n for n in snapped if n >= shortest)[-MAX_FRAME_BUCKETS:]
+    if counts:
+        out["frameBuckets"] = counts
+        notes.append(f"{where}: video.bucket_strategy resolution_frames became frameBuckets {counts} (every "
+                     "frame_interval frames from max_frames down to min_frames, rounded down to (n - 1) % 4 == 0): "
+                     "check them")
+    else:
+        notes.append(f"{where}: video.bucket_strategy resolution_frames gives no frame count with (n - 1) % 4 "
+                     f"== 0 between {shortest} and {longest}: set frameBuckets by hand")
+
+
+def _features(config: dict[str, Any], spec: dict[str, Any], notes: list[str]) -> None:
+    """Caption dropout, the LoRA to start from and the EMA (after the datasets: dropout is set on each)."""
+    dropout = config.get("caption_dropout_probability")
+    if dropout:
+        for dataset in spec["datasets"]:
+            if dataset["type"] == "video":
+                dataset.setdefault("captionDropout", dropout)
+    init = config.get("init_lora")
+    if init:
+        folder, _, name = init.rpartition("/") if init.endswith(".safetensors") else (init.rstrip("/"), "", "")
+        spec.setdefault("lora", {})["initFrom"] = _location(folder or ".")
+        if name and name not in (lora_files.PEFT_WEIGHTS, lora_files.OFFICIAL_WEIGHTS):
+            notes.append(f"config.json: init_lora {init!r}: lora.initFrom reads {lora_files.PEFT_WEIGHTS} or "
+                         f"{lora_files.OFFICIAL_WEIGHTS} in {folder!r}: rename the file to one of them")
+    if config.get("use_ema"):
+        ema: dict[str, Any] = {}
+        for key, name in (("ema_decay", "decay"), ("ema_update_interval", "everySteps")):
+            if config.get(key) is not None:
+                ema[name] = config[key]
+        if config.get("ema_cpu_only") or config.get("ema_device") == "cpu":
+            ema["device"] = "cpu"
+        spec.setdefault("training", {})["ema"] = ema
 
 
 def import_simpletuner(
@@ -132,13 +192,14 @@ def import_simpletuner(
             if key == "lora_alpha" and value is None:
                 continue
             _set(spec, CONFIG_FIELDS[key], value)
-        elif key not in ABSORBED:
+        elif key not in ABSORBED | FEATURE_KEYS:
             notes.append(f"config.json: setting {key!r} has no equivalent, left out")
     source = config.get("pretrained_model_name_or_path")
     if source:
         _set(spec, ("model", "source"), source if "://" in source or source.startswith("/") else f"hf://{source}")
 
     spec["datasets"] = [d for d in (_dataset(entry, notes) for entry in backends) if d is not None]
+    _features(config, spec, notes)
     declared = {d["id"] for d in spec["datasets"]}
     eval_id = spec.get("validation", {}).get("evalDatasetId")
     if eval_id is not None and eval_id not in declared:

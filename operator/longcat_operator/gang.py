@@ -65,6 +65,8 @@ def s3_accesses(job: LongCatI2VJob) -> list[tuple[str, S3Access]]:
         found.append(("spec.output.s3", spec.output.s3))
     if spec.model.storage:
         found.append(("spec.model.storage", spec.model.storage))
+    if spec.lora.init_from and spec.lora.init_from.s3:
+        found.append(("spec.lora.initFrom.s3", spec.lora.init_from.s3))
     return found
 
 
@@ -76,6 +78,8 @@ def local_locations(job: LongCatI2VJob) -> list[str]:
               if d.vae_cache and d.vae_cache.local]
     if spec.output.local:
         paths.append("spec.output.local")
+    if spec.lora.init_from and spec.lora.init_from.local:
+        paths.append("spec.lora.initFrom.local")
     return paths
 
 

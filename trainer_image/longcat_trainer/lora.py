@@ -1,4 +1,4 @@
-"""LoRA adapters on the DiT with peft, and their two export formats.
+"""LoRA adapters on the DiT with peft, and their export formats (a third, ComfyUI's, is comfyui_lora.py).
 
 1. peft/diffusers: `pytorch_lora_weights.safetensors` with keys `transformer.<module>.lora_A.weight` /
    `.lora_B.weight` (diffusers' naming of a pipeline's transformer) and `adapter_config.json` (peft's
@@ -28,15 +28,19 @@ from torch import nn
 
 from longcat_job.api import LoraSpec
 from longcat_job.failures import InvalidConfigError
+from longcat_job.lora_files import (
+    COMFYUI_WEIGHTS,
+    DIFFUSERS_PREFIX,
+    OFFICIAL_HYPHEN,
+    OFFICIAL_PREFIX,
+    OFFICIAL_WEIGHTS,
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+)
 
+from .comfyui_lora import comfyui_file
 from .distributed import full_tensor
 
-PEFT_WEIGHTS = "pytorch_lora_weights.safetensors"
-PEFT_CONFIG = "adapter_config.json"
-OFFICIAL_WEIGHTS = "longcat_video_lora.safetensors"
-DIFFUSERS_PREFIX = "transformer."
-OFFICIAL_PREFIX = "lora___lorahyphen___"
-OFFICIAL_HYPHEN = "___lorahyphen___"
 
 
 def target_modules(model: nn.Module, targets: list[str]) -> list[str]:
@@ -143,10 +147,13 @@ def official_state(state: dict[str, torch.Tensor], spec: LoraSpec) -> dict[str, 
 
 
 def export_files(state: dict[str, torch.Tensor], spec: LoraSpec) -> dict[str, bytes]:
-    """Every file of a LoRA export: name -> bytes."""
-    files = peft_files(state, spec)
-    metadata = {"rank": str(spec.rank), "alpha": str(spec.alpha or spec.rank), "format": "longcat-video-lora"}
-    files[OFFICIAL_WEIGHTS] = save_safetensors(official_state(state, spec), metadata=metadata)
+    """Every file of a LoRA export in the formats of spec.formats: name -> bytes."""
+    files = peft_files(state, spec) if "peft" in spec.formats else {}
+    if "official" in spec.formats:
+        metadata = {"rank": str(spec.rank), "alpha": str(spec.alpha or spec.rank), "format": "longcat-video-lora"}
+        files[OFFICIAL_WEIGHTS] = save_safetensors(official_state(state, spec), metadata=metadata)
+    if "comfyui" in spec.formats:
+        files[COMFYUI_WEIGHTS] = comfyui_file(state, spec)
     return files
 
 

@@ -5,11 +5,12 @@ Every rank runs this; rank 0 alone writes the output (the caches are written by 
     <output>/manifest.json       the frozen samples (the operator's preflight, or rank 0 here when absent)
     <output>/progress.json       phase, step, loss, rate, ETA, cache hits, bad samples, artifacts
     <output>/checkpoints/        see checkpoint.py
-    <output>/lora/               the final LoRA in both formats (see lora.py)
+    <output>/lora/               the final LoRA in spec.lora.formats (lora.py); lora/ema/ the same of the EMA
     <output>/loss.png            the loss curve
     <output>/cache/<dataset>/    latents and text embeddings, unless the dataset names a vaeCache (see cache/)
 
-Validation (`Hooks.validate`) runs every `validation.everySteps` steps and at the end.
+Validation (`Hooks.validate`) runs every `validation.everySteps` steps and at the end, on the EMA weights when
+`training.ema` is on.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from diffusers.optimization import get_scheduler
 
 from longcat_job.api import LongCatI2VJob
 from longcat_job.failures import BadInputError, Preempted, classify
+from longcat_job.lora_files import FORMAT_FILES
 from longcat_job.preflight import run_preflight
 from longcat_job.progress import BadSamples, CacheCounts
 from longcat_job.sample_manifest import (
@@ -40,12 +42,15 @@ from longcat_job.sample_manifest import (
 )
 from longcat_job.storage import ObjectStore, store_for
 
-from . import checkpoint, distributed, flow, lora
+from . import caption_dropout, checkpoint, distributed, flow, lora
 from .cache.build import CacheResult, build_caches
 from .cache.plan import cache_location
 from .data.batches import BatchStream, DeviceBatches, to_device
+from .data.entries import read_entry, text_batch
 from .data.shards import DiskCache, ShardReader
 from .distributed import World
+from .ema import AdapterEMA
+from .initial_lora import initial_lora_state
 from .metrics import DEFAULT_METRICS_PORT, METRICS_PORT_ENV, RateLog, TrainerMetrics
 from .model.loading import load_dit
 from .model.prepare import prepare_for_training
@@ -56,6 +61,7 @@ log = logging.getLogger(__name__)
 
 DATA_CACHE_ENV = "LONGCAT_DATA_CACHE"
 DATA_CACHE_BYTES = 20 << 30
+EMA_FOLDER = "ema/"
 
 
 @dataclass
@@ -136,7 +142,11 @@ def _train(job: LongCatI2VJob, hooks: Hooks, world: World, output: ObjectStore, 
 
     dit = load_dit(model_root, dtype=dtype, device=world.device)
     state = checkpoint.load_latest(output)
-    model = prepare_for_training(dit, spec, world, lora_state=state["lora"] if state is not None else None)
+    if state is not None:
+        start = state["lora"]
+    else:
+        start = initial_lora_state(spec.lora, dit) if spec.lora.init_from is not None else None
+    model = prepare_for_training(dit, spec, world, lora_state=start)
     run = TrainingRun(job, world, dit, model, dtype, output, reporter, metrics, cache, cache_stores, hooks,
                       model_root)
     if state is not None:
@@ -212,6 +222,13 @@ class TrainingRun:
         )
         self.step, self.history = 0, []
         self.stream = self._stream(epoch=0, index=0)
+        self.empty_prompt = self._empty_prompt() if any(s.caption_dropout for s in cache.samples) else None
+        self.ema = AdapterEMA(dit, self.train.ema, world.device) if self.train.ema is not None else None
+
+    def _empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty prompt's text states and mask on the device: what a dropped caption trains on."""
+        states, mask = text_batch([read_entry(self.cache_stores[self.cache.negative.store], self.cache.negative.key)])
+        return states.to(self.world.device), mask.to(self.world.device)
 
     def _stream(self, epoch: int, index: int) -> DeviceBatches:
         """Batches of this rank's data-parallel group: every rank of a context-parallel group gets the same."""
@@ -230,6 +247,7 @@ class TrainingRun:
             "data": {**self.stream.position(), "data_parallel": self.world.data_parallel_size},
             "loss_history": self.history,
             "rng": distributed.gather_objects(checkpoint.rng_state()),
+            **({"ema": self.ema.state()} if self.ema is not None else {}),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -243,14 +261,18 @@ class TrainingRun:
         else:
             log.warning("checkpoint has %d ranks' RNG states, this run %d: dropout streams start afresh",
                         len(state["rng"]), self.world.world_size)
+        if self.ema is not None and "ema" in state:
+            self.ema.load(state["ema"])
+        elif self.ema is not None:
+            log.warning("the checkpoint has no EMA (training.ema was off): the EMA starts from its weights")
         self.reporter.doc.artifacts.latest_checkpoint = uri(self.output, checkpoint.step_prefix(self.step))
 
     def save(self) -> None:
         started = time.monotonic()
         state = self.state()
+        files = self.lora_files(state["lora"])  # every rank: a collective under FSDP
         if self.world.is_main:
-            prefix = checkpoint.save(self.output, self.step, state, lora.export_files(state["lora"], self.spec.lora),
-                                     self.train.keep_checkpoints)
+            prefix = checkpoint.save(self.output, self.step, state, files, self.train.keep_checkpoints)
             artifacts = self.reporter.doc.artifacts
             artifacts.latest_checkpoint = uri(self.output, prefix)
             kept = artifacts.checkpoints + [artifacts.latest_checkpoint]
@@ -258,6 +280,15 @@ class TrainingRun:
             self.reporter.write(force=True)
         distributed.barrier()
         self.metrics.checkpoint_seconds.observe(time.monotonic() - started)
+
+    def lora_files(self, trained: dict[str, torch.Tensor]) -> dict[str, bytes]:
+        """The LoRA files of the trained adapters, and of their EMA under ema/ when there is one."""
+        files = lora.export_files(trained, self.spec.lora)
+        if self.ema is not None:
+            with self.ema.applied():
+                average = lora.lora_state(self.dit)
+            files |= {f"{EMA_FOLDER}{name}": data for name, data in lora.export_files(average, self.spec.lora).items()}
+        return files
 
     def info(self) -> StepInfo:
         return StepInfo(self.step, self.dit, self.world, self.job, self.model_root, self.output, self.cache,
@@ -267,7 +298,8 @@ class TrainingRun:
         if self.hooks.validate is not None:
             started = time.monotonic()
             self.dit.eval()
-            self.reporter.doc.artifacts.validation_videos += self.hooks.validate(self.info())
+            with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+                self.reporter.doc.artifacts.validation_videos += self.hooks.validate(self.info())
             self.dit.train()
             self.metrics.validation_seconds.observe(time.monotonic() - started)
 
@@ -282,6 +314,11 @@ class TrainingRun:
         for micro in range(accumulation):
             batch = self.stream.next()
             clip = batch["clip"]
+            if self.empty_prompt is not None:
+                # by data-parallel rank: the ranks of a context-parallel group train the same sample
+                draws = caption_dropout.uniforms(self.train.seed, self.step, world.data_parallel_rank, micro,
+                                                 clip.shape[0])
+                batch = caption_dropout.drop_captions(batch, draws, *self.empty_prompt)
             slot = micro * world.data_parallel_size + world.data_parallel_rank
             sigma, noise = flow.slot_noise(self.train.seed, self.step, slot, clip.shape, self.train.flow_shift,
                                            pin_memory=device.type == "cuda")
@@ -298,6 +335,8 @@ class TrainingRun:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.step)
         return distributed.mean_across_ranks(loss_sum, device), tokens
 
     def loop(self) -> None:
@@ -346,12 +385,13 @@ class TrainingRun:
     def finish(self) -> None:
         """Validation at the end, the final LoRA and the loss curve."""
         self.validate()
-        state = lora.lora_state(self.dit)  # every rank: a collective under FSDP
+        files = self.lora_files(lora.lora_state(self.dit))  # every rank: a collective under FSDP
         if self.world.is_main:
-            for name, data in lora.export_files(state, self.spec.lora).items():
+            for name, data in files.items():
                 self.output.put_bytes(f"lora/{name}", data)
             self.output.put_bytes(LOSS_CURVE, loss_curve_png(self.history))
-            self.reporter.doc.artifacts.lora = uri(self.output, f"lora/{lora.PEFT_WEIGHTS}")
+            main = "peft" if "peft" in self.spec.lora.formats else self.spec.lora.formats[0]
+            self.reporter.doc.artifacts.lora = uri(self.output, f"lora/{FORMAT_FILES[main]}")
             log.info("LoRA written to %s", self.reporter.doc.artifacts.lora)
         self.reporter.phase("Succeeded")
         distributed.barrier()

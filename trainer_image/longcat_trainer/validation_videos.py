@@ -37,7 +37,7 @@ from longcat_job.s3 import S3AccessError
 from longcat_job.sample_manifest import Manifest, ManifestSample, read_manifest
 from longcat_job.storage import ObjectStore, store_for
 
-from . import distributed, media
+from . import distributed, ema, media
 from .denoise import (
     DEFAULT_FPS,
     SamplerSettings,
@@ -95,8 +95,9 @@ class PreparedSample:
     text: TextStates  # CPU
 
 
-def render_index(entries: list[dict], title: str) -> str:
-    """index.html: the loss curve, then one row per validation step (newest first), one column per sample."""
+def render_index(entries: list[dict], title: str, weights: str) -> str:
+    """index.html: the loss curve, then one row per validation step (newest first), one column per sample;
+    `weights` says which adapter weights the videos show."""
     rows = []
     for entry in sorted(entries, key=lambda e: -e["step"]):
         cells = "".join(
@@ -110,20 +111,20 @@ def render_index(entries: list[dict], title: str) -> str:
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         "<style>body{font-family:sans-serif}td,th{vertical-align:top;padding:4px}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1>"
+        f"<h1>{html.escape(title)}</h1><p>The videos show {html.escape(weights)}.</p>"
         f"<img src='{LOSS_CURVE}' alt='loss curve (written when training ends)' onerror=\"this.style.display='none'\">"
         f"<table>{''.join(rows)}</table></body></html>"
     )
 
 
-def update_index(output: ObjectStore, step: int, files: list[dict], title: str) -> None:
+def update_index(output: ObjectStore, step: int, files: list[dict], title: str, weights: str) -> None:
     try:
         entries = json.loads(output.get_bytes(INDEX_JSON))
     except (FileNotFoundError, S3AccessError):  # the first validation of the job (a denied read fails the put below)
         entries = []
     entries = [e for e in entries if e["step"] != step] + [{"step": step, "files": files}]
     output.put_bytes(INDEX_JSON, json.dumps(entries, indent=1).encode())
-    output.put_bytes(INDEX_HTML, render_index(entries, title).encode(), content_type="text/html; charset=utf-8")
+    output.put_bytes(INDEX_HTML, render_index(entries, title, weights).encode(), content_type="text/html; charset=utf-8")
 
 
 
@@ -200,7 +201,8 @@ class Validator:
         gathered = {f["index"]: f for rank_files in distributed.gather_objects(mine) for f in rank_files}
         files = [gathered[index] for index in sorted(gathered)]
         if world.is_main and files:
-            update_index(info.output, info.step, files, f"{info.job.metadata.name or 'job'}: validation")
+            update_index(info.output, info.step, files, f"{info.job.metadata.name or 'job'}: validation",
+                         ema.describe(info.job.spec.training.ema))
         log.info("validation at step %d: %d videos (%d steps, guidance %s) in %.1fs", info.step, len(files),
                  spec.num_inference_steps, spec.guidance, time.monotonic() - started)
         return [uri(info.output, f["mp4"]) for f in files]

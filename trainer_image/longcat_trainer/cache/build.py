@@ -15,12 +15,11 @@ from pathlib import Path
 import torch
 
 from longcat_job.api import JobSpec
-from longcat_job.buckets import Bucket
 from longcat_job.sample_manifest import Manifest
 from longcat_job.storage import ObjectStore
 
 from .. import distributed
-from ..data.entries import Ref, TrainSample, read_bucket
+from ..data.entries import Layout, Ref, TrainSample, read_layout
 from ..data.shards import ShardReader
 from ..data.video import BadSampleError, ClipTooShortError
 from ..distributed import World
@@ -75,19 +74,19 @@ def build_caches(
     hits = len(entries & have) + len(marked_bad)
     misses = len(entries - have)
     mine = todo[world.rank :: world.world_size]
-    # Buckets of complete samples come from their entries' headers, read by the ranks in turn.
+    # Layouts of complete samples come from their entries' headers, read by the ranks in turn.
     done_plans = [p for p in plans if p.bad not in have and {p.clip, p.start, p.text} <= have]
     log.info("cache: %d samples, %d entries found, %d to encode (%d samples, %d on this rank)",
              len(plans), hits, misses, len(todo), len(mine))
 
     encoders = Encoders(model_root, world.device, dtype)
-    buckets: dict[str, Bucket] = {}
+    layouts: dict[str, Layout] = {}
     bad: list[tuple[str, str, bool]] = []  # name, reason, too short
     progress = RateLog(f"cache (rank {world.rank})", len(mine), " samples")
     try:
         for i, plan in enumerate(mine):
             try:
-                buckets[plan.name] = encode_missing(plan, spec, reader, stores, encoders, have)
+                layouts[plan.name] = encode_missing(plan, spec, reader, stores, encoders, have)
             except BadSampleError as exc:
                 log.warning("skipping sample %s: %s", plan.name, exc)
                 short = isinstance(exc, ClipTooShortError)
@@ -98,22 +97,23 @@ def build_caches(
         if world.is_main and negative not in have:
             put_entry(stores[negative.store], negative.key, encoders.text(NEGATIVE_PROMPT))
         for plan in done_plans[world.rank :: world.world_size]:
-            buckets[plan.name] = read_bucket(stores[plan.clip.store], plan.clip.key)
+            layouts[plan.name] = read_layout(stores[plan.clip.store], plan.clip.key)
         for plan in marked_bad[world.rank :: world.world_size]:
             marker = json.loads(stores[plan.bad.store].get_bytes(plan.bad.key))
             bad.append((plan.name, marker["reason"], marker.get("tooShort", False)))
     finally:
         encoders.close()
 
-    all_buckets: dict[str, Bucket] = {}
+    all_layouts: dict[str, Layout] = {}
     all_bad: list[tuple[str, str, bool]] = []
-    for rank_buckets, rank_bad in distributed.gather_objects((buckets, bad)):
-        all_buckets.update(rank_buckets)
+    for rank_layouts, rank_bad in distributed.gather_objects((layouts, bad)):
+        all_layouts.update(rank_layouts)
         all_bad.extend(rank_bad)
     samples = [
-        TrainSample(name=p.name, clip=p.clip, start=p.start, text=p.text, bucket=all_buckets[p.name])
+        TrainSample(name=p.name, clip=p.clip, start=p.start, text=p.text, layout=all_layouts[p.name],
+                    caption_dropout=spec.dataset(p.dataset_id).caption_dropout)
         for p in plans
-        if p.name in all_buckets
+        if p.name in all_layouts
     ]
     all_bad.sort()
     return CacheResult(

@@ -14,7 +14,7 @@ from longcat_job.api import JobSpec
 from longcat_job.buckets import Bucket
 from longcat_job.storage import ObjectStore
 
-from ..data.entries import Ref, read_bucket
+from ..data.entries import Layout, Ref, read_layout
 from ..data.shards import ShardReader
 from ..data.video import BadSampleError, prepare_sample
 from ..model import encode, loading
@@ -57,20 +57,21 @@ def put_entry(store: ObjectStore, key: str, tensors: dict[str, torch.Tensor], bu
 
 def encode_missing(
     plan: Plan, spec: JobSpec, reader: ShardReader, stores: dict[str, ObjectStore], encoders: Encoders, have: set[Ref]
-) -> Bucket:
+) -> Layout:
     """Fill the missing entries of one sample; raises BadSampleError for unusable input."""
     dataset = spec.dataset(plan.dataset_id)
-    bucket: Bucket | None = None
+    layout: Layout | None = None
     if plan.clip not in have or plan.start not in have:
         # A ReadError (S3 unreachable, object changed since the manifest) is not bad data: it fails the job.
         clip = reader.fetch(plan.dataset_id, plan.sample.clip)
         frame = reader.fetch(plan.conditioning_id, plan.sample.start_frames[plan.conditioning_id])
         prepared = prepare_sample(
-            clip, frame, frames=dataset.frames, resolution=dataset.resolution, alignment=spec.aspect_bucket_alignment,
+            clip, frame, frame_counts=dataset.frame_counts(), resolution=dataset.resolution, alignment=spec.aspect_bucket_alignment,
             clip_name=plan.name,
             frame_name=f"{plan.conditioning_id}/{plan.sample.start_frames[plan.conditioning_id].key}",
         )
         bucket = prepared.bucket
+        layout = Layout(bucket, prepared.video.shape[1])
         vae = encoders.vae()
         latents = encode.encode_video_latents(vae, prepared.video[None])
         start = encode.encode_video_latents(vae, prepared.start_frame[None])
@@ -85,4 +86,4 @@ def encode_missing(
                     f"{plan.dataset_id}/{plan.sample.caption.key}: empty caption; write the caption or drop the clip"
                 )
         put_entry(stores[plan.text.store], plan.text.key, encoders.text(caption))
-    return bucket or read_bucket(stores[plan.clip.store], plan.clip.key)
+    return layout or read_layout(stores[plan.clip.store], plan.clip.key)

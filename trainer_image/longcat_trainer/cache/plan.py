@@ -76,7 +76,9 @@ def plan_sample(
     locations = {d.id: d for d in manifest.datasets}
     clip_loc = locations[dataset_id].location
     start_loc = locations[dataset_id].conditioning[conditioning_id]
-    shape = (dataset.frames, dataset.resolution, spec.aspect_bucket_alignment)
+    # frameBuckets join the key only when set, so that the entries of jobs without them keep their names.
+    frames = dataset.frames if dataset.frame_buckets is None else "buckets:" + ",".join(map(str, dataset.frame_counts()))
+    shape = (frames, dataset.resolution, spec.aspect_bucket_alignment)
     clip_hash = _hash("clip", clip_loc, sample.clip.key, sample.clip.etag, *shape, vae_id)
     start = sample.start_frames[conditioning_id]
     # The start frame goes into its clip's bucket, so the clip's identity is part of its key.

@@ -14,25 +14,25 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from longcat_job.buckets import Bucket
 from longcat_job.failures import InvalidConfigError
 from longcat_job.storage import ObjectStore
 
-from .entries import TrainSample, read_entry, text_batch
+from .entries import Layout, TrainSample, read_entry, text_batch
 from .shards import shard
 
 
 def epoch_batches(samples: list[TrainSample], batch_size: int, seed: int, epoch: int) -> list[list[TrainSample]]:
-    """One epoch's batches, the same on every rank: a seeded shuffle, then batches of one bucket each.
+    """One epoch's batches, the same on every rank: a seeded shuffle, then batches of one layout (frame size
+    bucket and frame count) each.
 
-    A bucket's last incomplete batch of the epoch is dropped (its samples come in other epochs' batches).
+    A layout's last incomplete batch of the epoch is dropped (its samples come in other epochs' batches).
     """
     order = list(samples)
     random.Random(f"{seed}:{epoch}").shuffle(order)
-    by_bucket: dict[Bucket, list[TrainSample]] = {}
+    by_layout: dict[Layout, list[TrainSample]] = {}
     batches = []
     for sample in order:
-        group = by_bucket.setdefault(sample.bucket, [])
+        group = by_layout.setdefault(sample.layout, [])
         group.append(sample)
         if len(group) == batch_size:
             batches.append(list(group))
@@ -41,14 +41,16 @@ def epoch_batches(samples: list[TrainSample], batch_size: int, seed: int, epoch:
 
 
 def load_batch(batch: list[TrainSample], stores: dict[str, ObjectStore]) -> dict[str, torch.Tensor]:
-    """Clip latents [B, C, T, H, W], start-frame latents [B, C, 1, H, W], caption states and mask."""
+    """Clip latents [B, C, T, H, W], start-frame latents [B, C, 1, H, W], caption states and mask, and each
+    sample's caption dropout probability [B]."""
     clips, starts, texts = [], [], []
     for sample in batch:
         clips.append(read_entry(stores[sample.clip.store], sample.clip.key)["latents"])
         starts.append(read_entry(stores[sample.start.store], sample.start.key)["latents"])
         texts.append(read_entry(stores[sample.text.store], sample.text.key))
     states, mask = text_batch(texts)
-    return {"clip": torch.stack(clips), "start": torch.stack(starts), "text": states, "text_mask": mask}
+    return {"clip": torch.stack(clips), "start": torch.stack(starts), "text": states, "text_mask": mask,
+            "caption_dropout": torch.tensor([s.caption_dropout for s in batch])}
 
 
 class BatchStream:
@@ -66,7 +68,8 @@ class BatchStream:
         self.wait_seconds = 0.0
         if not epoch_batches(samples, batch_size, seed, 0):
             raise InvalidConfigError(
-                f"no bucket holds {batch_size} samples: lower spec.training.batchSize or add clips of the same shape"
+                f"no bucket (frame size and frame count) holds {batch_size} samples: lower spec.training.batchSize or add "
+                "clips of the same shape and length"
             )
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="batches")
         self._ahead: list[tuple[int, int, Future[dict[str, torch.Tensor]]]] = []

@@ -6,14 +6,13 @@ file: clip or start-frame latents (with the sample's bucket in its metadata) or 
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load as load_safetensors
 
 from longcat_job.buckets import Bucket
+from longcat_job.lora_files import safetensors_header
 from longcat_job.storage import ObjectStore
 
 from ..model import encode
@@ -27,25 +26,34 @@ class Ref:
     key: str
 
 
+@dataclass(frozen=True, order=True)
+class Layout:
+    """What a batch must share: the frame size bucket and the frame count (the clip's frame bucket)."""
+
+    bucket: Bucket
+    frames: int
+
+
 @dataclass(frozen=True)
 class TrainSample:
     name: str  # dataset/stem, for messages
     clip: Ref
     start: Ref
     text: Ref
-    bucket: Bucket
+    layout: Layout
+    caption_dropout: float = 0.0  # its dataset's captionDropout
 
 
 def read_entry(store: ObjectStore, key: str) -> dict[str, torch.Tensor]:
     return load_safetensors(store.get_bytes(key))
 
 
-def read_bucket(store: ObjectStore, key: str) -> Bucket:
-    """The bucket in a latent entry's safetensors header, read without fetching the tensors."""
-    with store.open_ranged(key) as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    return Bucket.parse(header["__metadata__"]["bucket"])
+def read_layout(store: ObjectStore, key: str) -> Layout:
+    """The bucket (in the metadata) and frame count (from the latents' shape) of a clip's latent entry, read from
+    its safetensors header without fetching the tensors."""
+    header = safetensors_header(store, key)
+    latent_frames = header["latents"]["shape"][1]  # [C, T, H, W]: the VAE keeps frame 0 and packs 4 per latent
+    return Layout(Bucket.parse(header["__metadata__"]["bucket"]), (latent_frames - 1) * 4 + 1)
 
 
 def text_batch(

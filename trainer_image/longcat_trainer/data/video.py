@@ -1,8 +1,9 @@
 """Clips and start frames as tensors: PyAV decode, temporal sampling, aspect buckets, resize and center crop.
 
-Temporal sampling: a training clip is its first `frames` consecutive decoded frames, at the clip's own
-frame rate (no resampling). The start frame of an image-to-video pair is the picture the clip starts from,
-so the clip is taken from its frame 0. A clip with fewer frames is skipped (`ClipTooShort`), never padded.
+Temporal sampling: a training clip is its first N consecutive decoded frames, at the clip's own frame rate
+(no resampling), where N is the largest of the dataset's frame buckets the clip fills. The start frame of an
+image-to-video pair is the picture the clip starts from, so the clip is taken from its frame 0. A clip shorter
+than the smallest bucket is skipped (`ClipTooShort`), never padded.
 
 Aspect buckets (longcat_job/buckets.py): every clip is resized (keeping its aspect, covering the bucket) and
 center-cropped to its bucket. The start frame is loaded the same way into its clip's bucket; it must have the
@@ -11,6 +12,7 @@ clip's pixel size.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from longcat_job.buckets import Bucket, bucket_for
+from longcat_job.buckets import Bucket, bucket_for, frame_bucket
 from longcat_job.failures import BadInputError
 
 
@@ -44,8 +46,10 @@ def resize_crop(frames: torch.Tensor, bucket: Bucket) -> torch.Tensor:
     return x[:, :, top : top + bucket.height, left : left + bucket.width].clamp(-1, 1)
 
 
-def decode_clip(path: Path, frames: int, name: str) -> torch.Tensor:
-    """The first `frames` frames of a clip as uint8 [F, 3, H, W]; `name` is used in errors."""
+def decode_clip(path: Path, frame_counts: Sequence[int], name: str) -> torch.Tensor:
+    """The first N frames of a clip as uint8 [N, 3, H, W], N the largest of `frame_counts` it fills; `name` is
+    used in errors."""
+    frames = max(frame_counts)
     decoded: list[np.ndarray] = []
     try:
         with av.open(str(path)) as container:
@@ -59,9 +63,11 @@ def decode_clip(path: Path, frames: int, name: str) -> torch.Tensor:
                     break
     except (av.FFmpegError, UnicodeDecodeError) as exc:
         raise BadSampleError(f"{name}: PyAV cannot decode it ({type(exc).__name__}); re-encode it (e.g. H.264 in MP4)")
-    if len(decoded) < frames:
-        raise ClipTooShortError(f"{name}: {len(decoded)} frames, the dataset needs {frames}; lower `frames` or drop it")
-    return torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous()
+    count = frame_bucket(len(decoded), frame_counts)
+    if count is None:
+        raise ClipTooShortError(f"{name}: {len(decoded)} frames, the dataset needs at least {min(frame_counts)}; add "
+                                "a smaller frame bucket (frameBuckets), lower `frames`, or drop it")
+    return torch.from_numpy(np.stack(decoded[:count])).permute(0, 3, 1, 2).contiguous()
 
 
 def load_image(path: Path, name: str) -> torch.Tensor:
@@ -82,10 +88,11 @@ class PreparedSample:
 
 
 def prepare_sample(
-    clip: Path, start_frame: Path, *, frames: int, resolution: int, alignment: int, clip_name: str, frame_name: str
+    clip: Path, start_frame: Path, *, frame_counts: Sequence[int], resolution: int, alignment: int, clip_name: str,
+    frame_name: str,
 ) -> PreparedSample:
     """Clip and start frame, decoded, checked against each other and brought to the clip's bucket."""
-    video = decode_clip(clip, frames, clip_name)
+    video = decode_clip(clip, frame_counts, clip_name)
     image = load_image(start_frame, frame_name)
     if image.shape[-2:] != video.shape[-2:]:
         (ih, iw), (vh, vw) = image.shape[-2:], video.shape[-2:]

@@ -6,7 +6,8 @@
     3. the checkpointing policy of each block (model/recompute.py): as many blocks as the card holds keep their
        self-attention output, the others recompute whole
     4. compile: each block's forward on CUDA (one graph per policy serves all 48 blocks)
-    5. a checkpoint's LoRA weights, when resuming (whole tensors, so before any sharding)
+    5. the LoRA to start from: a checkpoint's when resuming, else spec.lora.initFrom's (whole tensors, so before
+       any sharding)
     6. the DDP or FSDP wrap over the ranks
 
 The result is the module the training step calls; `dit` itself stays the unwrapped model (LoRA state,
@@ -46,13 +47,13 @@ class BlockPlan:
 
 
 def largest_sample_tokens(spec: JobSpec) -> int:
-    """DiT tokens of the largest micro-batch the spec can make: its biggest bucket at its frame count (one token
+    """DiT tokens of the largest micro-batch the spec can make: its biggest bucket at its largest frame count (one token
     per 2x2 patch of each 8x-downsampled latent frame), times the batch size."""
     most = 0
     for dataset in spec.datasets:
         if dataset.type == "video":
             pixels = max(b.height * b.width for b in buckets(dataset.resolution, spec.aspect_bucket_alignment))
-            most = max(most, ((dataset.frames - 1) // 4 + 1) * pixels // (16 * 16))
+            most = max(most, ((max(dataset.frame_counts()) - 1) // 4 + 1) * pixels // (16 * 16))
     return most * spec.training.batch_size
 
 
