@@ -25,6 +25,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from .api import DatasetSpec, DatasetStatus, JobSpec
+from .model_source import model_file_problems
 from .pairing import (
     CLIP_EXTENSIONS,
     HINTS,
@@ -110,6 +111,7 @@ class PreflightReport(BaseModel):
     clips: int = 0  # clips of the video datasets, paired or not
     unusable: int = 0  # of them, the ones left out
     max_bad_fraction: float = 0.0
+    model_problems: list[str] = []  # checkpoint files the spec needs and the source lacks
 
     @property
     def too_many_unusable(self) -> bool:
@@ -117,14 +119,15 @@ class PreflightReport(BaseModel):
 
     @property
     def ok(self) -> bool:
-        return all(d.blocking == 0 for d in self.datasets) and not self.too_many_unusable
+        return all(d.blocking == 0 for d in self.datasets) and not self.too_many_unusable and not self.model_problems
 
     def dataset(self, dataset_id: str) -> DatasetReport:
         return next(d for d in self.datasets if d.id == dataset_id)
 
     def lines(self) -> list[str]:
-        """A human summary: one line per dataset, then each kind of problem with its first keys."""
-        out = []
+        """A human summary: the checkpoint's problems, one line per dataset, then each kind of problem with its
+        first keys."""
+        out = [f"error: {problem}" for problem in self.model_problems]
         for d in self.datasets:
             noun = "start frames" if d.role == "conditioning" else "clips"
             head = f"{d.id} ({d.role}, {d.location}): {d.objects} objects, {d.media} {noun}"
@@ -340,6 +343,7 @@ def run_preflight(
         datasets=[reports[d.id] for d, _ in used], deep=deep, seconds=round(time.monotonic() - started, 3),
         clips=clips, unusable=clips - sum(len(kept) for kept in samples.values()),
         max_bad_fraction=spec.training.max_bad_sample_fraction,
+        model_problems=model_file_problems(spec, credentials),
     )
     log.info("preflight: %d datasets, %d clips, %d unusable, %.1fs, %s", len(used), clips, report.unusable,
              report.seconds, "ok" if report.ok else "problems found")
