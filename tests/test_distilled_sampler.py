@@ -4,20 +4,28 @@ the trained LoRA without touching it (tiny model, synthetic cfg-step LoRA in the
 from __future__ import annotations
 
 import copy
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+import yaml
 from PIL import Image
 
 from longcat_job.api import JobSpec, LoraSpec
 from longcat_job.model_source import CFG_STEP_LORA, model_file_problems
+from longcat_job.storage import LocalStore
 from longcat_trainer import denoise, lora, official_lora
 from longcat_trainer.commands import sample as sample_command
+from longcat_trainer.data.synthetic import write_shapes_dataset
 from longcat_trainer.model.loading import load_dit
+from tests.fixtures.training import TINY_VALIDATION, job_document, location
 from tests.invalid_jobs import MINIMAL
 
 C, T, H, W = 16, 3, 8, 14
@@ -157,3 +165,20 @@ def test_sample_command_distilled_writes_a_video(tiny_checkpoint: Path, tmp_path
             "--frames", "9", "--resolution", "64x112", "--sampler", "distilled", "--device", "cpu"]
     assert sample_command.main(argv) == 0
     assert out.stat().st_size > 0
+
+
+def test_a_job_with_sampler_distilled_runs_end_to_end(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """`longcat-i2v run` on the CPU: training, then validation with the cfg-step LoRA; videos and index.html."""
+    write_shapes_dataset(LocalStore(tmp_path / "data"), count=2, frames=9, height=64, width=112)
+    document = job_document(tiny_checkpoint, location("data/clips"), location("data/start_frames"), location("out"),
+                            training={"maxSteps": 2, "checkpointEvery": 2},
+                            validation={**TINY_VALIDATION, "sampler": "distilled", "maxSamples": 1})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(document), encoding="utf-8")
+    cli = str(Path(sys.executable).with_name("longcat-i2v"))
+    done = subprocess.run([cli, "run", "job.yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "LONGCAT_DATA_CACHE": str(tmp_path / "data-cache")})
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = tmp_path / "out"
+    assert list((out / "validation/step-2").glob("*.mp4")) and (out / "index.html").is_file()
+    log_file = Path(re.search(r"trainer log: (\S+)", done.stdout).group(1))
+    assert "distilled sampler, 16 steps, guidance 1.0" in log_file.read_text()

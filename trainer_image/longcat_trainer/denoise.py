@@ -21,6 +21,8 @@ The official LongCat-Video I2V sampler, rewritten for this project:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -33,6 +35,8 @@ from longcat_job.buckets import Bucket
 from . import flow
 from .data.video import load_image, resize_crop
 from .model.dit import LongCatVideoTransformer3DModel
+
+log = logging.getLogger(__name__)
 
 SIGMA_MAX, SIGMA_MIN = 1.0, 0.001  # the official schedule's end points (before the shift)
 DISTILL_TIMESTEPS = 50  # the official pipeline's num_distill_sample_steps
@@ -76,6 +80,18 @@ def sigma_schedule(steps: int, shift: float, sampler: Sampler = "standard") -> t
     """steps + 1 float32 sigmas, from shifted 1.0 down to 0 (the terminal value)."""
     sigmas = flow.shift_sigmas(unshifted_sigmas(steps, sampler), shift)
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)]).float()
+
+
+def report_first_step(what: str, then: Callable[[int], None] = lambda step: None) -> Callable[[int], None]:
+    """An on_step that logs how long the first step took (on CUDA it compiles the blocks' graph), then calls `then`."""
+    started = time.monotonic()
+
+    def on_step(step: int) -> None:
+        if step == 1:
+            log.info("%s: first denoising step %.1fs (includes compiling on CUDA)", what, time.monotonic() - started)
+        then(step)
+
+    return on_step
 
 
 def initial_noise(shape: Sequence[int], seed: int) -> torch.Tensor:

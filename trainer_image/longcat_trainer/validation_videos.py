@@ -43,6 +43,7 @@ from .denoise import (
     initial_noise,
     latent_frames,
     load_start_frame,
+    report_first_step,
     sample_latents,
     settings_for,
     to_uint8_frames,
@@ -136,6 +137,7 @@ class Validator:
         self.vae = None
         self.shift = 0.0
         self.every_rank = False
+        self.compile_reported = False
         self.distillation: official_lora.OfficialLora = {}  # the cfg-step LoRA under sampler distilled
 
     def prepare(self, info: StepInfo) -> None:
@@ -215,7 +217,11 @@ class Validator:
         settings = settings_for(spec, self.shift)
         negative = None if self.negative is None else tuple(t.to(device) for t in self.negative)
         text = tuple(t.to(device) for t in sample.text)
-        latents = sample_latents(info.model, sample.start_latents.to(device), text, negative, noise, settings)
+        # The first video's first step compiles the sampler's graph (eval, no grad): reported once.
+        on_step = report_first_step("validation") if not self.compile_reported else (lambda step: None)
+        self.compile_reported = True
+        latents = sample_latents(info.model, sample.start_latents.to(device), text, negative, noise, settings,
+                                 on_step=on_step)
         self.vae.to(device)
         frames = to_uint8_frames(encode.decode_latents(self.vae, latents))
         stem = f"{step_prefix(info.step)}/{sample.index:02d}-{PurePosixPath(sample.name).name}"

@@ -20,6 +20,7 @@ from ..denoise import (
     initial_noise,
     latent_frames,
     load_start_frame,
+    report_first_step,
     sample_latents,
     settings_for,
     to_uint8_frames,
@@ -113,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         recompute.apply(stack.dit.blocks, [recompute.Recompute.NOTHING] * len(stack.dit.blocks), compile=True)
     rate = RateLog("sample", settings.steps, " steps")
     with official_lora.active(stack.dit, distillation):
-        latents = sample_latents(stack.dit, start_latents, prompt, negative, noise, settings, on_step=rate.update)
+        latents = sample_latents(stack.dit, start_latents, prompt, negative, noise, settings,
+                                 on_step=report_first_step("sample", rate.update))
     frames = to_uint8_frames(encode.decode_latents(stack.vae, latents))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(media.mp4_bytes(frames, args.fps))
