@@ -147,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(v.startswith("distilled") for v in variants):
         state = official_lora.synthetic_state(dit, ["qkv", "proj", "q_linear", "kv_linear"], CFG_STEP_RANK,
                                               alpha=CFG_STEP_ALPHA)
-        cfg_step = {m: official_lora.OfficialLoraFactor(f.down.to(device, dtype), tuple(u.to(device, dtype) for u in f.ups),
-                                                        f.scale) for m, f in official_lora.parse(state).items()}
+        cfg_step = official_lora.moved(official_lora.parse(state), device, dtype)
     for variant in variants:
         compile_s = 0.0
         compiled = "compiled" in variant

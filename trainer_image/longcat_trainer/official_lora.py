@@ -69,9 +69,13 @@ def load(model_root: Path, device: torch.device, dtype: torch.dtype) -> Official
     if not path.is_file():
         raise InvalidConfigError(f"spec.validation.sampler distilled: the checkpoint {model_root} has no "
                                  f"{CFG_STEP_LORA}; add it from the official checkpoint, or use sampler standard")
-    factors = parse(load_file(str(path)))
+    return moved(parse(load_file(str(path))), device, dtype)
+
+
+def moved(lora: OfficialLora, device: torch.device, dtype: torch.dtype) -> OfficialLora:
+    """The factors on `device` in `dtype`: the official DiT runs them in the model's dtype."""
     return {m: OfficialLoraFactor(f.down.to(device, dtype), tuple(u.to(device, dtype) for u in f.ups), f.scale)
-            for m, f in factors.items()}
+            for m, f in lora.items()}
 
 
 @contextlib.contextmanager
