@@ -6,8 +6,16 @@ text encoder are the same for both and run once a video). Variants, each warmed 
 
     naive      two batch-1 forwards a step (negative, positive), the conditioning frame recomputed, eager
     optimized  what validation runs: one batch-2 forward a step over the noisy frames, conditioning k/v cached
-    compiled   optimized with every block torch.compile'd (compile time reported apart)
+    compiled   optimized with every block torch.compile'd (compile time reported apart); alias standard-compiled
     cudnn      optimized with scaled_dot_product_attention limited to the cuDNN kernel
+    distilled-compiled  validation.sampler distilled: 16 steps of the distillation schedule, no guidance, a random
+               rank-128 cfg-step LoRA (alpha 64, as the release's) hooked on the adapted Linears, compiled
+
+"standard" is an alias of optimized. Each compiled variant is traced fresh (torch._dynamo.reset()). A distilled
+video is DISTILLED_STEPS steps, a standard one --video-steps; vs_standard compares seconds per video.
+The issue-21 run (one process on the H200):
+
+    .venv/bin/python bench/validation_bench.py --steps 4 --variants standard,standard-compiled,distilled-compiled
 
 A full run (480x832, 93 frames, 40 steps, guidance 4.0) takes ~8 min naive on an H100; `--steps 4` gives the
 per-step figures in a minute, and seconds per video are extrapolated to --video-steps (40).
@@ -30,7 +38,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from longcat_trainer.denoise import SamplerSettings, initial_noise, latent_frames, sample_latents  # noqa: E402
+from longcat_trainer import official_lora  # noqa: E402
+from longcat_trainer.denoise import (  # noqa: E402
+    DISTILLED_STEPS,
+    SamplerSettings,
+    initial_noise,
+    latent_frames,
+    sample_latents,
+)
 from longcat_trainer.metrics import RateLog  # noqa: E402
 from longcat_trainer.model.dit import LongCatVideoTransformer3DModel  # noqa: E402
 from longcat_trainer.model.tiny import TINY_DIT_CONFIG  # noqa: E402
@@ -43,7 +58,8 @@ FULL_CONFIG = {  # the released dit/config.json (also in REFERENCE when that fil
 }
 TEXT_TOKENS = 512
 PROMPT_TOKENS = 40
-VARIANTS = ("naive", "optimized", "compiled", "cudnn")
+VARIANTS = ("naive", "optimized", "standard", "compiled", "standard-compiled", "cudnn", "distilled-compiled")
+CFG_STEP_RANK, CFG_STEP_ALPHA = 128, 64.0  # the official load_lora defaults the release's file is read with
 
 log = logging.getLogger("validation_bench")
 
@@ -64,6 +80,8 @@ def build_dit(config: dict, device: torch.device, dtype: torch.dtype) -> LongCat
 
 
 def settings_for(variant: str, args: argparse.Namespace, steps: int) -> SamplerSettings:
+    if variant.startswith("distilled"):
+        return SamplerSettings(steps=steps, guidance=1.0, sampler="distilled")
     fast = variant != "naive"
     return SamplerSettings(steps=steps, guidance=args.guidance, guidance_method=args.guidance_method,
                            batch_guidance=fast, reuse_cond_kv=fast)
@@ -94,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default="naive,optimized", help=f"comma-separated, of {','.join(VARIANTS)}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    # Compiling is in place and stays: the compiled variant runs last.
-    variants = sorted(args.variants.split(","), key=lambda v: v == "compiled")
+    # Compiling is in place and stays: the compiled variants run last, each traced afresh.
+    variants = sorted(args.variants.split(","), key=lambda v: "compiled" in v)
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
@@ -125,25 +143,35 @@ def main(argv: list[str] | None = None) -> int:
     noise = initial_noise(shape, seed=0)
 
     results: dict[str, dict] = {}
+    cfg_step: official_lora.OfficialLora = {}
+    if any(v.startswith("distilled") for v in variants):
+        state = official_lora.synthetic_state(dit, ["qkv", "proj", "q_linear", "kv_linear"], CFG_STEP_RANK,
+                                              alpha=CFG_STEP_ALPHA)
+        cfg_step = official_lora.moved(official_lora.parse(state), device, dtype)
     for variant in variants:
         compile_s = 0.0
-        if variant == "compiled":
+        compiled = "compiled" in variant
+        steps = DISTILLED_STEPS if variant.startswith("distilled") else args.steps
+        video_steps = DISTILLED_STEPS if variant.startswith("distilled") else args.video_steps
+        if compiled:
+            torch._dynamo.reset()
             for block in dit.blocks:
                 block.compile()
-        with attention_context(variant):
+        lora_hooks = official_lora.active(dit, cfg_step if variant.startswith("distilled") else {})
+        with attention_context(variant), lora_hooks:
             warm = time.monotonic()
             sample_latents(dit, start, prompt, negative, noise, settings_for(variant, args, 1))
             synchronize(device)
-            if variant == "compiled":
+            if compiled:
                 compile_s = time.monotonic() - warm
-            rate = RateLog(variant, args.steps, " steps")
+            rate = RateLog(variant, steps, " steps")
             began = time.monotonic()
-            sample_latents(dit, start, prompt, negative, noise, settings_for(variant, args, args.steps), on_step=rate.update)
+            sample_latents(dit, start, prompt, negative, noise, settings_for(variant, args, steps), on_step=rate.update)
             synchronize(device)
         seconds = time.monotonic() - began
-        per_step = seconds / args.steps
+        per_step = seconds / steps
         results[variant] = {"seconds": round(seconds, 3), "seconds_per_step": round(per_step, 3),
-                            "seconds_per_video": round(per_step * args.video_steps, 1)}
+                            "seconds_per_video": round(per_step * video_steps, 1)}
         if compile_s:
             results[variant]["compile_seconds"] = round(compile_s, 1)
         if device.type == "cuda":
@@ -153,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     if "naive" in results:
         for variant, result in results.items():
             result["vs_naive"] = round(result["seconds"] / results["naive"]["seconds"], 3)
+    baseline = results.get("standard") or results.get("optimized")
+    if baseline:
+        for result in results.values():
+            result["vs_standard"] = round(result["seconds_per_video"] / baseline["seconds_per_video"], 3)
     print(json.dumps({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                       "shape": f"{height}x{width}x{args.frames}", "latents": list(shape), "guidance": args.guidance,
                       "steps_timed": args.steps, "video_steps": args.video_steps, "results": results}, indent=1))

@@ -400,6 +400,12 @@ class ValidationSpec(ApiModel):
     guidance_method: Literal["cfg", "optimized"] = Field(
         "cfg", description="`cfg` is classic guidance; `optimized` is the official pipeline's optimized scale."
     )
+    sampler: Literal["standard", "distilled"] = Field(
+        "standard",
+        description="`standard` samples with numInferenceSteps and guidance; `distilled` with the checkpoint's "
+        "lora/cfg_step_lora.safetensors on top of the trained LoRA, 16 steps, no guidance (previews in a fraction "
+        "of the time).",
+    )
     negative_prompt: str = Field(
         "", max_length=4096, description="Filled in (empty) automatically when guidance is above 1."
     )

@@ -26,6 +26,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from .api import DatasetSpec, DatasetStatus, JobSpec
+from .model_source import model_file_problems
 from .pairing import (
     CLIP_EXTENSIONS,
     HINTS,
@@ -115,6 +116,7 @@ class PreflightReport(BaseModel):
     unusable: int = 0  # of them, the ones left out
     max_bad_fraction: float = 0.0
     init_lora_problems: list[str] = []  # why spec.lora.initFrom cannot start this job
+    model_problems: list[str] = []  # checkpoint files the spec needs and the source lacks
 
     @property
     def too_many_unusable(self) -> bool:
@@ -123,14 +125,15 @@ class PreflightReport(BaseModel):
     @property
     def ok(self) -> bool:
         return all(d.blocking == 0 for d in self.datasets) and not self.too_many_unusable \
-            and not self.init_lora_problems
+            and not self.init_lora_problems and not self.model_problems
 
     def dataset(self, dataset_id: str) -> DatasetReport:
         return next(d for d in self.datasets if d.id == dataset_id)
 
     def lines(self) -> list[str]:
-        """A human summary: one line per dataset, then each kind of problem with its first keys."""
-        out = []
+        """A human summary: the checkpoint's problems, one line per dataset, then each kind of problem with its
+        first keys."""
+        out = [f"error: {problem}" for problem in self.model_problems]
         for d in self.datasets:
             noun = "start frames" if d.role == "conditioning" else "clips"
             head = f"{d.id} ({d.role}, {d.location}): {d.objects} objects, {d.media} {noun}"
@@ -368,6 +371,7 @@ def run_preflight(
         datasets=[reports[d.id] for d, _ in used], deep=deep, seconds=round(time.monotonic() - started, 3),
         clips=clips, unusable=clips - sum(len(kept) for kept in samples.values()),
         max_bad_fraction=spec.training.max_bad_sample_fraction,
+        model_problems=model_file_problems(spec, credentials),
     )
     if spec.lora.init_from is not None:
         report.init_lora_problems = init_lora_problems(spec, credentials)

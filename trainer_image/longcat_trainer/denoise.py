@@ -10,6 +10,10 @@ The official LongCat-Video I2V sampler, rewritten for this project:
   u s + g (c - u s) with s = <c, u> / |u|^2 per sample. The job API's default is "cfg"; the official
   pipeline always uses "optimized". Here s is measured over the frames that are denoised (the official
   no-cache I2V path also counts the ignored frame-0 output).
+- sampler "distilled": the official distillation schedule (`get_timesteps_sigmas(use_distill=True)`): the 50
+  distillation timesteps 20, 40, .., 1000 of the 1000 training ones, DISTILLED_STEPS of them taken evenly from
+  the top, flow-shifted like the standard ones; no guidance. It is meant for the checkpoint's cfg-step LoRA
+  (official_lora.py), which the caller activates.
 - the conditioning frame's keys and values are computed once (`conditioning_cache`) and reused by every
   step, so each step runs only the noisy frames' tokens.
 """
@@ -17,22 +21,29 @@ The official LongCat-Video I2V sampler, rewritten for this project:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from longcat_job.api import latent_frames  # noqa: F401  (the callers of the sampler import it from here)
+from longcat_job.api import ValidationSpec, latent_frames  # noqa: F401  (the callers of the sampler import latent_frames from here)
 from longcat_job.buckets import Bucket
 
 from . import flow
 from .data.video import load_image, resize_crop
 from .model.dit import LongCatVideoTransformer3DModel
 
+log = logging.getLogger(__name__)
+
 SIGMA_MAX, SIGMA_MIN = 1.0, 0.001  # the official schedule's end points (before the shift)
+DISTILL_TIMESTEPS = 50  # the official pipeline's num_distill_sample_steps
+DISTILLED_STEPS = 16  # the official I2V demo's steps with the cfg-step LoRA
 DEFAULT_FPS = 16
 GuidanceMethod = Literal["cfg", "optimized"]
+Sampler = Literal["standard", "distilled"]
 TextStates = tuple[torch.Tensor, torch.Tensor]  # states [1, 1, M, D], mask [1, M]
 
 
@@ -41,16 +52,46 @@ class SamplerSettings:
     steps: int = 40
     guidance: float = 4.0
     guidance_method: GuidanceMethod = "cfg"
+    sampler: Sampler = "standard"
     shift: float = 12.0  # the scheduler's config value; the callers read it from scheduler/
     # Speed options; off = the naive sampler (two forward passes a step, conditioning frame recomputed).
     batch_guidance: bool = True
     reuse_cond_kv: bool = True
 
 
-def sigma_schedule(steps: int, shift: float) -> torch.Tensor:
+def settings_for(spec: ValidationSpec, shift: float) -> SamplerSettings:
+    """The sampler a job's (or the sample command's) validation settings ask for."""
+    if spec.sampler == "distilled":
+        return SamplerSettings(steps=DISTILLED_STEPS, guidance=1.0, sampler="distilled", shift=shift)
+    return SamplerSettings(steps=spec.num_inference_steps, guidance=spec.guidance,
+                           guidance_method=spec.guidance_method, shift=shift)
+
+
+def unshifted_sigmas(steps: int, sampler: Sampler) -> torch.Tensor:
+    if sampler == "standard":
+        return torch.linspace(SIGMA_MAX, SIGMA_MIN, steps, dtype=torch.float64)
+    stride = flow.NUM_TRAIN_TIMESTEPS // DISTILL_TIMESTEPS
+    descending = torch.arange(DISTILL_TIMESTEPS, 0, -1, dtype=torch.float64) * stride
+    picked = torch.floor(torch.arange(steps, dtype=torch.float64) * DISTILL_TIMESTEPS / steps).long()
+    return descending[picked] / flow.NUM_TRAIN_TIMESTEPS
+
+
+def sigma_schedule(steps: int, shift: float, sampler: Sampler = "standard") -> torch.Tensor:
     """steps + 1 float32 sigmas, from shifted 1.0 down to 0 (the terminal value)."""
-    sigmas = flow.shift_sigmas(torch.linspace(SIGMA_MAX, SIGMA_MIN, steps, dtype=torch.float64), shift)
+    sigmas = flow.shift_sigmas(unshifted_sigmas(steps, sampler), shift)
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)]).float()
+
+
+def report_first_step(what: str, then: Callable[[int], None] = lambda step: None) -> Callable[[int], None]:
+    """An on_step that logs how long the first step took (on CUDA it compiles the blocks' graph), then calls `then`."""
+    started = time.monotonic()
+
+    def on_step(step: int) -> None:
+        if step == 1:
+            log.info("%s: first denoising step %.1fs (includes compiling on CUDA)", what, time.monotonic() - started)
+        then(step)
+
+    return on_step
 
 
 def initial_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
@@ -86,7 +127,7 @@ def sample_latents(
     device, dtype = start_latents.device, dit.x_embedder.proj.weight.dtype
     start = start_latents.float()
     x = noise.to(device, torch.float32)
-    sigmas = sigma_schedule(settings.steps, settings.shift).tolist()
+    sigmas = sigma_schedule(settings.steps, settings.shift, settings.sampler).tolist()
     cache = dit.conditioning_cache(start.to(dtype)) if settings.reuse_cond_kv else None
     texts = [negative, prompt] if guided else [prompt]
     if settings.batch_guidance:

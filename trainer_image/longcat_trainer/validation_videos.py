@@ -25,7 +25,7 @@ import io
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
@@ -37,15 +37,16 @@ from longcat_job.s3 import S3AccessError
 from longcat_job.sample_manifest import Manifest, ManifestSample, read_manifest
 from longcat_job.storage import ObjectStore, store_for
 
-from . import distributed, ema, media
+from . import distributed, ema, media, official_lora
 from .denoise import (
     DEFAULT_FPS,
-    SamplerSettings,
     TextStates,
     initial_noise,
     latent_frames,
     load_start_frame,
+    report_first_step,
     sample_latents,
+    settings_for,
     to_uint8_frames,
 )
 from .model import encode, loading
@@ -139,6 +140,8 @@ class Validator:
         self.shift = 0.0
         self.every_rank = False
         self.uploads = True
+        self.compile_reported = False
+        self.distillation: official_lora.OfficialLora = {}  # the cfg-step LoRA under sampler distilled
 
     def prepare(self, info: StepInfo) -> None:
         spec, world = info.job.spec, info.world
@@ -152,6 +155,8 @@ class Validator:
         self.uploads = world.is_main if self.every_rank else world.context_rank == 0
         dtype = info.model.x_embedder.proj.weight.dtype
         self.shift = loading.load_scheduler(info.model_root).config.shift
+        if spec.validation.sampler == "distilled":
+            self.distillation = official_lora.load(info.model_root, world.device, dtype)
         self.vae = loading.load_vae(info.model_root, dtype=torch.float32, device="cpu").eval()
         tokenizer = loading.load_tokenizer(info.model_root)
         text_encoder = loading.load_text_encoder(info.model_root, dtype=dtype, device=world.device)
@@ -178,7 +183,8 @@ class Validator:
             latents = encode.encode_video_latents(self.vae, start.to(world.device)).float().cpu()
             self.samples.append(PreparedSample(index, f"{dataset_id}/{sample.stem}", caption.strip(),
                                                clip_fps(store(dataset_id), sample.clip.key), latents, text(caption)))
-        self.negative = text(spec.validation.negative_prompt) if spec.validation.guidance > 1 else None
+        guided = settings_for(spec.validation, self.shift).guidance > 1
+        self.negative = text(spec.validation.negative_prompt) if guided else None
         self.vae.to("cpu")
         text_encoder = None  # `text` holds it in its closure: clearing it there frees the encoder's memory
         free_memory(world.device)
@@ -192,7 +198,8 @@ class Validator:
             with torch.no_grad():
                 if self.samples is None:
                     self.prepare(info)
-                mine = [self.run_one(info, s) for s in self.samples]
+                with official_lora.active(dit, self.distillation):
+                    mine = [self.run_one(info, s) for s in self.samples]
         finally:
             dit.train(was_training)
             if self.vae is not None:
@@ -203,8 +210,9 @@ class Validator:
         if world.is_main and files:
             update_index(info.output, info.step, files, f"{info.job.metadata.name or 'job'}: validation",
                          ema.describe(info.job.spec.training.ema))
-        log.info("validation at step %d: %d videos (%d steps, guidance %s) in %.1fs", info.step, len(files),
-                 spec.num_inference_steps, spec.guidance, time.monotonic() - started)
+        settings = settings_for(spec, self.shift)
+        log.info("validation at step %d: %d videos (%s sampler, %d steps, guidance %s) in %.1fs", info.step,
+                 len(files), settings.sampler, settings.steps, settings.guidance, time.monotonic() - started)
         return [uri(info.output, f["mp4"]) for f in files]
 
     def run_one(self, info: StepInfo, sample: PreparedSample) -> dict:
@@ -212,12 +220,14 @@ class Validator:
         _, channels, _, h, w = sample.start_latents.shape
         noise = initial_noise((1, channels, latent_frames(spec.frames) - 1, h, w), spec.seed + sample.index)
         # A split clip runs whole (context_parallel.py): the conditioning frame's cache would be one frame.
-        settings = SamplerSettings(steps=spec.num_inference_steps, guidance=spec.guidance,
-                                   guidance_method=spec.guidance_method, shift=self.shift,
-                                   reuse_cond_kv=info.world.context_parallel == 1)
+        settings = replace(settings_for(spec, self.shift), reuse_cond_kv=info.world.context_parallel == 1)
         negative = None if self.negative is None else tuple(t.to(device) for t in self.negative)
         text = tuple(t.to(device) for t in sample.text)
-        latents = sample_latents(info.model, sample.start_latents.to(device), text, negative, noise, settings)
+        # The first video's first step compiles the sampler's graph (eval, no grad): reported once.
+        on_step = report_first_step("validation") if not self.compile_reported else (lambda step: None)
+        self.compile_reported = True
+        latents = sample_latents(info.model, sample.start_latents.to(device), text, negative, noise, settings,
+                                 on_step=on_step)
         self.vae.to(device)
         frames = to_uint8_frames(encode.decode_latents(self.vae, latents))
         stem = f"{step_prefix(info.step)}/{sample.index:02d}-{PurePosixPath(sample.name).name}"

@@ -13,19 +13,20 @@ from pydantic import ValidationError
 
 from longcat_job.api import LoraSpec, ValidationSpec
 
-from .. import lora, media
+from .. import lora, media, official_lora
 from ..data.video import BadSampleError
 from ..denoise import (
     DEFAULT_FPS,
-    SamplerSettings,
     initial_noise,
     latent_frames,
     load_start_frame,
+    report_first_step,
     sample_latents,
+    settings_for,
     to_uint8_frames,
 )
 from ..metrics import RateLog
-from ..model import encode
+from ..model import encode, recompute
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--guidance-method", choices=["cfg", "optimized"], default="cfg")
+    parser.add_argument("--sampler", choices=["standard", "distilled"], default="standard",
+                        help="distilled: the checkpoint's cfg-step LoRA, 16 steps, no guidance (ignores --steps, --guidance)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--fps", type=int, default=DEFAULT_FPS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -67,14 +70,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 FLAGS = {"resolution": "--resolution", "frames": "--frames", "num_inference_steps": "--steps",
-         "guidance": "--guidance", "seed": "--seed", "negative_prompt": "--negative-prompt"}
+         "guidance": "--guidance", "sampler": "--sampler", "seed": "--seed", "negative_prompt": "--negative-prompt"}
 
 
 def settings_from_args(args: argparse.Namespace) -> ValidationSpec:
     """The job API's validation rules, applied to the flags (one definition of what is allowed)."""
     try:
         return ValidationSpec(resolution=args.resolution, frames=args.frames, num_inference_steps=args.steps,
-                              guidance=args.guidance, guidance_method=args.guidance_method,
+                              guidance=args.guidance, guidance_method=args.guidance_method, sampler=args.sampler,
                               negative_prompt=args.negative_prompt, seed=args.seed)
     except ValidationError as exc:
         problems = [f"{FLAGS.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in exc.errors()]
@@ -95,19 +98,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = load_start_frame(args.image, str(args.image), height, width)
     except BadSampleError as exc:
         raise SystemExit(f"--image: {exc}") from None
-    stack = load_stack(resolve_model_source(args.model), dtype=dtype, device=device)
+    model_root = resolve_model_source(args.model)
+    stack = load_stack(model_root, dtype=dtype, device=device)
     if args.lora is not None:
         load_lora_file(stack.dit, args.lora)
     stack.dit.eval()
+    settings = settings_for(spec, stack.scheduler.config.shift)
     prompt = encode.encode_prompts(stack.tokenizer, stack.text_encoder, [args.prompt])
-    negative = encode.encode_prompts(stack.tokenizer, stack.text_encoder, [spec.negative_prompt]) if spec.guidance > 1 else None
+    negative = encode.encode_prompts(stack.tokenizer, stack.text_encoder, [spec.negative_prompt]) if settings.guidance > 1 else None
     start_latents = encode.encode_video_latents(stack.vae, start.to(device)).float()
     _, channels, _, h, w = start_latents.shape
     noise = initial_noise((1, channels, latent_frames(spec.frames) - 1, h, w), spec.seed)
-    settings = SamplerSettings(steps=spec.num_inference_steps, guidance=spec.guidance,
-                               guidance_method=spec.guidance_method, shift=stack.scheduler.config.shift)
+    distillation = official_lora.load(model_root, device, dtype) if settings.sampler == "distilled" else {}
+    if device.type == "cuda":  # as in training: one compiled graph serves every block (its first step compiles)
+        recompute.apply(stack.dit.blocks, [recompute.Recompute.NOTHING] * len(stack.dit.blocks), compile=True)
     rate = RateLog("sample", settings.steps, " steps")
-    latents = sample_latents(stack.dit, start_latents, prompt, negative, noise, settings, on_step=rate.update)
+    with official_lora.active(stack.dit, distillation):
+        latents = sample_latents(stack.dit, start_latents, prompt, negative, noise, settings,
+                                 on_step=report_first_step("sample", rate.update))
     frames = to_uint8_frames(encode.decode_latents(stack.vae, latents))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(media.mp4_bytes(frames, args.fps))

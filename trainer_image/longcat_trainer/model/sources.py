@@ -4,7 +4,7 @@
     hf://org/repo[@revision]          Hugging Face Hub via huggingface_hub; token from HF_TOKEN (endpoint: HF_ENDPOINT)
     s3://bucket/prefix                downloaded once into a local cache, checked against the listing, reused
 
-Only the five folders of the layout are fetched. No torch here: the operator's preflight may use it too.
+Only the five folders of the layout are fetched, and the distillation LoRA (lora/cfg_step_lora.safetensors) when there. No torch here: the operator's preflight may use it too.
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import (
@@ -31,7 +29,7 @@ from huggingface_hub.errors import (
 )
 
 from longcat_job.api import MODEL_CACHE_ENV, Location, S3Access, S3Location
-from longcat_job.failures import InvalidConfigError
+from longcat_job.model_source import CFG_STEP_LORA, ModelSource, ModelSourceError
 from longcat_job.storage import ObjectRecord, ObjectStore, store_for
 
 log = logging.getLogger(__name__)
@@ -40,34 +38,6 @@ SUBFOLDERS = ("dit", "vae", "text_encoder", "tokenizer", "scheduler")
 DEFAULT_CACHE = Path.home() / ".cache" / "longcat-i2v" / "models"
 CACHE_MANIFEST = ".longcat-source.json"
 PROGRESS_EVERY_S = 10.0
-
-
-class ModelSourceError(InvalidConfigError):
-    """A model source that cannot be resolved; the message names the source and what to fix."""
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    kind: Literal["local", "hf", "s3"]
-    location: str  # local path, hf repo id, or s3 bucket
-    revision: str | None = None  # hf only
-    prefix: str = ""  # s3 only
-
-    @classmethod
-    def parse(cls, source: str) -> ModelSource:
-        if source.startswith("hf://"):
-            repo, _, revision = source[len("hf://") :].partition("@")
-            if repo.count("/") != 1 or not all(repo.split("/")):
-                raise ModelSourceError(f"model source {source!r}: write hf://org/repo or hf://org/repo@revision")
-            return cls("hf", repo, revision or None)
-        if source.startswith("s3://"):
-            bucket, _, prefix = source[len("s3://") :].partition("/")
-            if not bucket:
-                raise ModelSourceError(f"model source {source!r}: write s3://bucket/prefix")
-            return cls("s3", bucket, prefix=prefix.strip("/"))
-        if "://" in source:
-            raise ModelSourceError(f"model source {source!r}: use a local path, hf://org/repo[@rev] or s3://bucket/prefix")
-        return cls("local", source)
 
 
 def cache_root() -> Path:
@@ -88,7 +58,7 @@ def fetch_hf(repo_id: str, revision: str | None, cache_dir: Path | None = None) 
         path = snapshot_download(
             repo_id,
             revision=revision,
-            allow_patterns=[f"{folder}/*" for folder in SUBFOLDERS],
+            allow_patterns=[f"{folder}/*" for folder in SUBFOLDERS] + [CFG_STEP_LORA],
             cache_dir=cache_dir,
             token=os.environ.get("HF_TOKEN") or None,
         )
@@ -119,7 +89,7 @@ def _cache_dir_for(store: ObjectStore, root: Path) -> Path:
 
 def _listing(store: ObjectStore) -> dict[str, ObjectRecord]:
     wanted = tuple(f"{folder}/" for folder in SUBFOLDERS)
-    return {record.key: record for record in store.list() if record.key.startswith(wanted)}
+    return {r.key: r for r in store.list() if r.key.startswith(wanted) or r.key == CFG_STEP_LORA}
 
 
 def _read_manifest(target: Path) -> dict[str, list]:

@@ -11,7 +11,12 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
+from safetensors.torch import save_file
 from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+
+from longcat_job.model_source import CFG_STEP_LORA
+
+from .. import official_lora
 
 from .dit import LongCatVideoTransformer3DModel
 
@@ -66,7 +71,7 @@ def tiny_tokenizer() -> T5Tokenizer:
 
 
 def write_tiny_checkpoint(root: Path, *, seed: int = 0, dit_max_shard_size: str | None = None) -> Path:
-    """Write dit/ vae/ text_encoder/ tokenizer/ scheduler/ under root with random weights; returns root.
+    """Write dit/ vae/ text_encoder/ tokenizer/ scheduler/ and lora/cfg_step_lora.safetensors under root with random weights; returns root.
 
     dit_max_shard_size (e.g. "100KB") splits the DiT into several safetensors shards with an index, as released.
     """
@@ -80,4 +85,8 @@ def write_tiny_checkpoint(root: Path, *, seed: int = 0, dit_max_shard_size: str 
     dit = LongCatVideoTransformer3DModel(**TINY_DIT_CONFIG)
     save_kwargs = {} if dit_max_shard_size is None else {"max_shard_size": dit_max_shard_size}
     dit.save_pretrained(root / "dit", **save_kwargs)
+    # The released checkpoint's distillation LoRA, in its format (rank 128, alpha 64 there; tiny here).
+    (root / CFG_STEP_LORA).parent.mkdir(exist_ok=True)
+    save_file(official_lora.synthetic_state(dit, ["qkv", "proj", "q_linear", "kv_linear"], rank=4, alpha=2.0),
+              str(root / CFG_STEP_LORA))
     return root
