@@ -221,7 +221,9 @@ def watch_phases(setup: Setup, name: str, until: set[str], timeout: float) -> li
 
 def test_a_job_trains_in_a_real_pod_and_leaves_its_lora_in_s3(setup: Setup) -> None:
     started = time.monotonic()
-    apply(setup, job(setup, "first", maxSteps=40, checkpointEvery=20))
+    # Long enough that the operator (reading every 2 s) sees the step between the trainer's forced writes at
+    # each checkpoint: 40 tiny steps can pass in under two reads.
+    apply(setup, job(setup, "first", maxSteps=80, checkpointEvery=20))
     running = setup.wait_for("the trainer pod running", lambda: [p for p in trainer_pods(setup, "first", 0)
                                                            if p["status"].get("phase") == "Running"], timeout=300)
     pod = running[0]["metadata"]["name"]
@@ -236,7 +238,7 @@ def test_a_job_trains_in_a_real_pod_and_leaves_its_lora_in_s3(setup: Setup) -> N
     training_steps = [step for phase, step in phases if phase == "Training"]
     assert len(set(training_steps)) >= 2, phases  # the step moved while kubectl showed Training
     table = setup.kubectl("get", "lcj", "first")
-    assert "Succeeded" in table and "40/40" in table, table
+    assert "Succeeded" in table and "80/80" in table, table
 
     final = setup.wait_for("the pod's exit", lambda: terminated(setup.get("pod", pod) or {"status": {}}), timeout=60)
     assert final["exitCode"] == 0, final  # from the kubelet
