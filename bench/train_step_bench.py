@@ -142,25 +142,26 @@ class Config:
         )
 
 
-def kept_attention_blocks(model, config: Config, tokens: int, device) -> int:
-    """'sacN': N; 'sac': the trainer's plan (as many blocks as fit in 3/4 of the card, recompute.py)."""
+def kept_blocks(model, config: Config, tokens: int, device) -> recompute.Kept:
+    """'sacN': N blocks keep their self-attention output, none their matmuls'; 'sac': the trainer's plan (as much
+    as fits in 3/4 of the card, recompute.py)."""
     if config.kept_attention != "plan":
-        return int(config.kept_attention)
-    return recompute.attention_blocks_that_fit(model, tokens, device)
+        return recompute.Kept(attention=int(config.kept_attention))
+    return recompute.blocks_that_fit(model, tokens, device)
 
 
 def traced_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-def apply_plan(model, config: Config, kept: int) -> int:
+def apply_plan(model, config: Config, kept: recompute.Kept) -> int:
     """The trainer's block plan (checkpointing always on, as in training) and adapter math for this
     configuration, traced afresh: dynamo guards neither on the SDPA kernel nor on a checkpointing policy, so a
     graph compiled for an earlier configuration would otherwise be reused (check_traced_fresh tells). Returns
     the count of graphs traced so far."""
     torch._dynamo.reset()
     lora.set_adapter_math(model, in_input_dtype=not config.fp32_adapters)
-    BlockPlan(checkpointing=True, attention_kept_blocks=kept, compile=config.compiled).apply(model)
+    BlockPlan(checkpointing=True, kept=kept, compile=config.compiled).apply(model)
     return traced_graphs()
 
 
@@ -207,7 +208,7 @@ def run_config(model, shape: Shape, args, config: Config, initial_lora: dict, de
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    kept = kept_attention_blocks(model, config, t * (h // 2) * (w // 2), device)
+    kept = kept_blocks(model, config, t * (h // 2) * (w // 2), device)
     graphs = apply_plan(model, config, kept)
     times, losses = [], []
     with attention_context(config.attention):
@@ -236,7 +237,8 @@ def run_config(model, shape: Shape, args, config: Config, initial_lora: dict, de
     seconds = statistics.median(times[args.warmup:])
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return {"shape": f"{shape.height}x{shape.width}x{shape.frames}", "attention": config.attention,
-            "compiled": config.compiled, "attention_kept_blocks": kept,
+            "compiled": config.compiled, "attention_kept_blocks": kept.attention,
+            "matmul_kept_blocks": kept.matmuls,
             "quantization": config.quantization, "median_step_s": round(seconds, 3),
             "peak_gib": round(peak, 1), "forward_tflop": round(fwd / 1e12, 1),
             "mfu_pct": round(100 * 3 * fwd / seconds / PEAK_FLOPS, 1), "losses": losses, "flops_formula": formula}
@@ -264,7 +266,7 @@ def lora_gradient(model, shape: Shape, args, config: Config, initial_lora: dict,
     t, h, w = shape.latent()
     clip, text, mask = random_batch(model, shape, args, g, device)
     sigma, noise = torch.tensor([0.6], device=device), torch.randn(clip.shape, generator=g).to(device)
-    kept = kept_attention_blocks(model, config, t * (h // 2) * (w // 2), device)
+    kept = kept_blocks(model, config, t * (h // 2) * (w // 2), device)
     graphs = apply_plan(model, config, kept)
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     with attention_context(config.attention):
@@ -288,8 +290,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--variants", default="cudnn+compile,cudnn+compile+sac",
                         help="optimized configurations, each '+'-joined from: an attention kernel (default, cudnn, "
-                        "flash, efficient), 'compile' (torch.compile each block), 'sac' (blocks keep their "
-                        "self-attention output, as many as fit in 3/4 of the card; 'sacN': N blocks), 'fp32lora' "
+                        "flash, efficient), 'compile' (torch.compile each block), 'sac' (the trainer's plan: blocks "
+                        "keep their self-attention output, then their widening matmuls' outputs, as many as fit in 3/4 "
+                        "of the card; 'sacN': N blocks keep their self-attention output only), 'fp32lora' "
                         "(peft's float32 adapter math instead of the trainer's), 'fp8' or "
                         "'int8' (base weights quantized as spec.training.baseQuantization does; irreversible, so "
                         "quantized variants come last, and all of them with one format)")

@@ -40,7 +40,7 @@ def tiny_dit(cp: context_parallel.ContextParallel | None) -> LongCatVideoTransfo
     for name, param in dit.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05)
-    policies = recompute.policies(len(dit.blocks), enabled=True, attention_kept_blocks=1)  # one of each kind
+    policies = recompute.policies(len(dit.blocks), enabled=True, kept=recompute.Kept(1))  # one of each kind
     recompute.apply(dit.blocks, policies, compile=COMPILE)
     context_parallel.enable(dit, cp)
     return dit.to(DEVICE)

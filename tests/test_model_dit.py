@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from longcat_trainer.model import recompute
 from longcat_trainer.model.dit import LongCatVideoTransformer3DModel
-from longcat_trainer.model.recompute import SDPA_OPS
+from longcat_trainer.model.recompute import MATMUL_OPS, SDPA_OPS, Kept
 from longcat_trainer.model.tiny import TINY_DIT_CONFIG
 
 REFERENCE = Path("/work/shared/reference")
@@ -40,9 +40,9 @@ def reference_model(reference) -> LongCatVideoTransformer3DModel:
     return model
 
 
-def tiny_model(seed: int = 0) -> LongCatVideoTransformer3DModel:
+def tiny_model(seed: int = 0, depth: int = TINY_DIT_CONFIG["depth"]) -> LongCatVideoTransformer3DModel:
     torch.manual_seed(seed)
-    return LongCatVideoTransformer3DModel(**TINY_DIT_CONFIG)
+    return LongCatVideoTransformer3DModel(**{**TINY_DIT_CONFIG, "depth": depth})
 
 
 def tiny_inputs(batch: int = 2, frames: int = 3, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -89,12 +89,14 @@ def test_reproduces_official_outputs(reference, reference_model, output, timeste
     torch.testing.assert_close(got, tensors[output], atol=1e-4, rtol=0)
 
 
-class SelfAttentionCalls(TorchDispatchMode):
-    """Counts the attention kernels that run, self-attention (keys >= queries) apart from cross-attention."""
+class KernelCalls(TorchDispatchMode):
+    """Counts the attention kernels that run, self-attention (keys >= queries) apart from cross-attention, and the
+    matmuls that read the token stream (`width` wide) and widen it (qkv, SwiGLU w1 and w3, kv_linear)."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int) -> None:
         super().__init__()
-        self.self_attention = self.cross_attention = 0
+        self.width = width
+        self.self_attention = self.cross_attention = self.widening_matmuls = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in SDPA_OPS:
@@ -102,20 +104,23 @@ class SelfAttentionCalls(TorchDispatchMode):
                 self.self_attention += 1
             else:
                 self.cross_attention += 1
+        elif func in MATMUL_OPS:
+            weight = args[2] if func is torch.ops.aten.addmm.default else args[1]
+            # forward products only: backward's grad @ W reads the wide side and narrows
+            self.widening_matmuls += weight.shape[-2] == self.width < weight.shape[-1]
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("attention_kept_blocks", [0, 1, 2])
-def test_gradient_checkpointing_gives_the_same_gradients(attention_kept_blocks):
+@pytest.mark.parametrize("kept", [Kept(0), Kept(1), Kept(2), Kept(2, matmuls=1), Kept(2, matmuls=2)])
+def test_gradient_checkpointing_gives_the_same_gradients(kept):
     inputs = tiny_inputs()
 
-    def grads(checkpointed: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], SelfAttentionCalls]:
+    def grads(checkpointed: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], KernelCalls]:
         model = tiny_model()
-        policies = recompute.policies(len(model.blocks), enabled=checkpointed,
-                                      attention_kept_blocks=attention_kept_blocks)
+        policies = recompute.policies(len(model.blocks), enabled=checkpointed, kept=kept)
         recompute.apply(model.blocks, policies, compile=False)
         latents = inputs["hidden_states"].clone().requires_grad_()
-        with SelfAttentionCalls() as calls:
+        with KernelCalls(model.config.hidden_size) as calls:
             out = model(**{**inputs, "hidden_states": latents}, num_cond_latents=1)
             (out.square().mean()).backward()
         return latents.grad, {n: p.grad for n, p in model.named_parameters()}, calls
@@ -128,25 +133,30 @@ def test_gradient_checkpointing_gives_the_same_gradients(attention_kept_blocks):
         torch.testing.assert_close(ckpt[name], plain[name], msg=name)
     assert plain["blocks.0.attn.qkv.weight"].abs().sum() > 0
     # Every checkpointed block runs its forward again in backward, but self-attention only in the blocks
-    # that do not keep its output (two kernels per block: conditioning tokens, then the noisy ones).
+    # that do not keep its output (two kernels per block: conditioning tokens, then the noisy ones), and the
+    # widening matmuls (4 per block) only in the blocks that do not keep theirs.
     blocks = len(tiny_model().blocks)
     assert plain_calls.self_attention == 2 * blocks and plain_calls.cross_attention == blocks
-    assert ckpt_calls.self_attention == 2 * blocks + 2 * (blocks - attention_kept_blocks)
+    assert ckpt_calls.self_attention == 2 * blocks + 2 * (blocks - kept.attention)
     assert ckpt_calls.cross_attention == 2 * blocks
+    assert plain_calls.widening_matmuls >= 4 * blocks  # and the embedders'
+    assert ckpt_calls.widening_matmuls == plain_calls.widening_matmuls + 4 * (blocks - kept.matmuls)
 
 
 def test_compiled_checkpointing_gives_the_eager_gradients():
-    """The trainer's default on CUDA, on the CPU: compiled blocks, one keeping its self-attention output (the
-    partitioner follows the selective policy), one recomputed whole; the gradients must be the eager model's
-    without checkpointing. A policy the compiler mis-partitions (say, a saved attention output paired with
-    recomputed queries of another layout) shows here as a gap far above float32 rounding."""
+    """The trainer's default on CUDA, on the CPU: compiled blocks, one keeping its self-attention output and
+    widening matmuls' outputs, one its self-attention output, one recomputed whole (the partitioner follows the
+    selective policies); the gradients must be the eager model's without checkpointing. A policy the compiler
+    mis-partitions (say, a saved attention output paired with recomputed queries of another layout) shows here as
+    a gap far above float32 rounding."""
     inputs = tiny_inputs()
 
     def grads(checkpointed: bool, compiled: bool) -> dict[str, torch.Tensor]:
         torch._dynamo.reset()  # dynamo guards on neither the policy nor the kernel: trace each model afresh
-        model = tiny_model()
-        policies = recompute.policies(len(model.blocks), enabled=checkpointed, attention_kept_blocks=1)
-        assert policies == [recompute.Recompute.ALL_BUT_ATTENTION, recompute.Recompute.ALL] or not checkpointed
+        model = tiny_model(depth=3)
+        policies = recompute.policies(len(model.blocks), enabled=checkpointed, kept=Kept(2, matmuls=1))
+        assert not checkpointed or policies == [recompute.Recompute.ELEMENTWISE,
+                                                recompute.Recompute.ALL_BUT_ATTENTION, recompute.Recompute.ALL]
         recompute.apply(model.blocks, policies, compile=compiled)
         latents = inputs["hidden_states"].clone().requires_grad_()
         out = model(**{**inputs, "hidden_states": latents}, num_cond_latents=1)
@@ -157,7 +167,7 @@ def test_compiled_checkpointing_gives_the_eager_gradients():
     assert eager.keys() == compiled.keys()
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-6, msg=name)
-    assert eager["blocks.1.attn.qkv.weight"].abs().sum() > 0
+    assert eager["blocks.2.attn.qkv.weight"].abs().sum() > 0
 
 
 def test_per_sample_timestep_equals_the_same_timestep_on_every_frame():

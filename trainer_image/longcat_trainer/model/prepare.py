@@ -4,7 +4,7 @@
     1. LoRA adapters on the spec's targets (the base frozen); every rank draws the same initial adapters
     2. base quantization of the frozen block weights (spec.training.baseQuantization)
     3. the checkpointing policy of each block (model/recompute.py): as many blocks as the card holds keep their
-       self-attention output, the others recompute whole
+       self-attention output (then, with room left, their widening matmuls' outputs), the others recompute whole
     4. compile: each block's forward on CUDA (one graph per policy serves all 48 blocks)
     5. the LoRA to start from: a checkpoint's when resuming, else spec.lora.initFrom's (whole tensors, so before
        any sharding)
@@ -34,15 +34,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BlockPlan:
-    """How the blocks run: checkpointing on or off, how many keep their self-attention output, compiled or not."""
+    """How the blocks run: checkpointing on or off, how many keep what for backward, compiled or not."""
 
     checkpointing: bool
-    attention_kept_blocks: int
+    kept: recompute.Kept
     compile: bool
 
     def apply(self, dit: nn.Module) -> None:
-        policies = recompute.policies(len(dit.blocks), enabled=self.checkpointing,
-                                      attention_kept_blocks=self.attention_kept_blocks)
+        policies = recompute.policies(len(dit.blocks), enabled=self.checkpointing, kept=self.kept)
         recompute.apply(dit.blocks, policies, compile=self.compile)
 
 
@@ -61,13 +60,15 @@ def block_plan(spec: JobSpec, dit: nn.Module, device: torch.device) -> BlockPlan
     """Selective checkpointing in as many blocks as the card holds (bench/README.md: at 480x832x93 on an H100,
     35 blocks keeping their attention output take a compiled step from 14.1 s to 12.5 s within 60 GiB; the
     others recompute whole), and regional compile on CUDA, which fuses the float32 norms, modulation and RoPE
-    around the matmuls (18.6 s to 14.1 s); on the CPU compile would only add compile time."""
+    around the matmuls (18.6 s to 14.1 s); on the CPU compile would only add compile time. On an H200 all 48
+    blocks keep their attention output and some also their widening matmuls' outputs."""
     tokens = largest_sample_tokens(spec) // spec.training.context_parallel  # each rank holds its share
-    kept = recompute.attention_blocks_that_fit(dit, tokens, device)
+    kept = recompute.blocks_that_fit(dit, tokens, device)
     if spec.training.gradient_checkpointing:
-        log.info("checkpointing: %d of %d blocks keep their self-attention output (planned for %d tokens), the "
-                 "others recompute whole", kept, len(dit.blocks), tokens)
-    return BlockPlan(checkpointing=spec.training.gradient_checkpointing, attention_kept_blocks=kept,
+        log.info("checkpointing: %d of %d blocks keep their self-attention output, %d of them also their widening "
+                 "matmuls' outputs (planned for %d tokens); the others recompute whole",
+                 kept.attention, len(dit.blocks), kept.matmuls, tokens)
+    return BlockPlan(checkpointing=spec.training.gradient_checkpointing, kept=kept,
                      compile=device.type == "cuda")
 
 

@@ -5,6 +5,7 @@ A block's forward is replaced by one built from its own, in one of three shapes:
     Recompute.NOTHING            forward                       (compiled when asked)
     Recompute.ALL                checkpoint(compiled forward)  keeps only its input, runs again whole in backward
     Recompute.ALL_BUT_ATTENTION  compiled(checkpoint(forward, policy))  also keeps its self-attention output
+    Recompute.ELEMENTWISE        compiled(checkpoint(forward, policy))  also keeps the widening matmuls' outputs
 
 Whole-block recomputation sits around the compiled block (bench/README.md measured it so); selective
 checkpointing sits inside it, so that the compiler's partitioner follows the policy. With gradients off
@@ -17,6 +18,7 @@ from __future__ import annotations
 import enum
 import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,6 +33,7 @@ class Recompute(enum.Enum):
     NOTHING = "nothing"
     ALL = "all"
     ALL_BUT_ATTENTION = "all-but-attention"
+    ELEMENTWISE = "elementwise"
 
 
 # The attention ops that F.scaled_dot_product_attention dispatches to, one per kernel.
@@ -54,12 +57,52 @@ def _keep_self_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def policies(depth: int, *, enabled: bool, attention_kept_blocks: int) -> list[Recompute]:
-    """Per block: the first `attention_kept_blocks` keep their self-attention output, the others recompute all."""
+MATMUL_OPS = frozenset(
+    getattr(torch.ops.aten, name).default for name in ("mm", "addmm", "_scaled_mm") if hasattr(torch.ops.aten, name)
+)
+
+
+def _keep_attention_and_widening_matmuls(width: int, ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Also save the outputs of the matmuls that read the token stream (`width` wide) and widen it: attention qkv,
+    SwiGLU w1 and w3.
+
+    Their outputs feed the q/k norms, RoPE and the SwiGLU product, whose backward needs them, so otherwise they are
+    recomputed: about 10 of the 12 TFLOP a block recomputes at 37k tokens. Narrowing and square matmuls (proj, w2,
+    the cross-attention's) feed the residual adds, which need no output of theirs in backward; the LoRA factors'
+    products (reduction over the rank) cost next to nothing to recompute.
+    """
+    if op in MATMUL_OPS:
+        b = args[2] if op is torch.ops.aten.addmm.default else args[1]  # [K, out]
+        if b.shape[-2] == width < b.shape[-1]:
+            return CheckpointPolicy.MUST_SAVE
+    return _keep_self_attention(ctx, op, *args, **kwargs)
+
+
+def _policy_fn(recompute: Recompute, width: int) -> Callable:
+    if recompute is Recompute.ELEMENTWISE:
+        return functools.partial(_keep_attention_and_widening_matmuls, width)
+    return _keep_self_attention
+
+
+@dataclass(frozen=True)
+class Kept:
+    """How many blocks keep what for backward: the first `matmuls` keep their self-attention output and widening
+    matmuls' outputs, the first `attention` (at least as many) their self-attention output, the rest only their
+    input."""
+
+    attention: int
+    matmuls: int = 0
+
+
+def policies(depth: int, *, enabled: bool, kept: Kept) -> list[Recompute]:
+    """Per block: the first `kept.matmuls` recompute only elementwise work, up to `kept.attention` all but
+    self-attention, the others all."""
     if not enabled:
         return [Recompute.NOTHING] * depth
-    kept = max(0, min(depth, attention_kept_blocks))
-    return [Recompute.ALL_BUT_ATTENTION] * kept + [Recompute.ALL] * (depth - kept)
+    attention = max(0, min(depth, kept.attention))
+    matmuls = max(0, min(attention, kept.matmuls))
+    return ([Recompute.ELEMENTWISE] * matmuls + [Recompute.ALL_BUT_ATTENTION] * (attention - matmuls)
+            + [Recompute.ALL] * (depth - attention))
 
 
 # What one block's backward holds at its peak beyond the saved inputs, in [tokens, hidden] tensors (fitted on the
@@ -70,22 +113,29 @@ BACKWARD_WORKING_SET = 34
 CARD_FRACTION = 0.75
 
 
-def attention_blocks_that_fit(dit: nn.Module, tokens: int, device: torch.device) -> int:
-    """How many blocks can keep their self-attention output for a micro-batch of `tokens` DiT tokens.
+def blocks_that_fit(dit: nn.Module, tokens: int, device: torch.device) -> Kept:
+    """How many blocks can keep their self-attention output, and then also their widening matmuls' outputs, for a
+    micro-batch of `tokens` DiT tokens. Attention comes first: ~23 TFLOP of recomputation saved per 0.3 GiB at
+    37k tokens, against ~10 TFLOP per 2.4 GiB for the matmuls, which only cards above 80 GB have room for.
 
     Memory model: what is allocated now (weights, adapters, quantized copies) + every block's saved input + one
-    block's backward working set + per block that keeps its attention, its output and float32 log-sum-exp
-    (~0.3 GiB each at 37k tokens). Off the GPU memory is not the limit: every block keeps it.
+    block's backward working set + per block that keeps its attention, its output and float32 log-sum-exp, + per
+    block that keeps its matmuls, the qkv, w1 and w3 outputs. Off the GPU (tests, the demo) memory is not the
+    limit: every block keeps its attention output, and the matmul outputs are recomputed as before.
     """
     depth = len(dit.blocks)
     if device.type != "cuda":
-        return depth
+        return Kept(attention=depth)
     config = dit.config
-    width = config.hidden_size * dit.x_embedder.proj.weight.element_size()
+    element = dit.x_embedder.proj.weight.element_size()
+    width = config.hidden_size * element
     budget = CARD_FRACTION * torch.cuda.mem_get_info(device)[1]
-    needed = torch.cuda.memory_allocated(device) + tokens * width * (depth + BACKWARD_WORKING_SET)
-    per_block = tokens * (width + 4 * config.num_heads)
-    return int(max(0, min(depth, (budget - needed) // per_block)))
+    room = budget - torch.cuda.memory_allocated(device) - tokens * width * (depth + BACKWARD_WORKING_SET)
+    per_attention = tokens * (width + 4 * config.num_heads)
+    attention = int(max(0, min(depth, room // per_attention)))
+    per_matmuls = tokens * (3 * config.hidden_size + 2 * dit.blocks[0].ffn.w1.out_features) * element
+    matmuls = int(max(0, min(attention, (room - attention * per_attention) // per_matmuls)))
+    return Kept(attention=attention, matmuls=matmuls)
 
 
 def _when_grad(wrapped: Callable, plain: Callable) -> Callable:
@@ -97,10 +147,11 @@ def _when_grad(wrapped: Callable, plain: Callable) -> Callable:
     return forward
 
 
-def block_forward(forward: Callable, recompute: Recompute, *, compile: bool) -> Callable:
-    """A block's forward wrapped for `recompute`, its compiled region included when `compile`."""
-    if recompute is Recompute.ALL_BUT_ATTENTION:
-        context_fn = functools.partial(create_selective_checkpoint_contexts, _keep_self_attention)
+def block_forward(forward: Callable, recompute: Recompute, *, compile: bool, width: int) -> Callable:
+    """A block's forward wrapped for `recompute`, its compiled region included when `compile`; `width`: the
+    block's hidden size."""
+    if recompute in (Recompute.ALL_BUT_ATTENTION, Recompute.ELEMENTWISE):
+        context_fn = functools.partial(create_selective_checkpoint_contexts, _policy_fn(recompute, width))
         selective = functools.partial(checkpoint, forward, use_reentrant=False, context_fn=context_fn)
         inner = _when_grad(selective, forward)
         return torch.compile(inner) if compile else inner
@@ -113,4 +164,5 @@ def block_forward(forward: Callable, recompute: Recompute, *, compile: bool) -> 
 def apply(blocks: Sequence[nn.Module], recompute: Sequence[Recompute], *, compile: bool) -> None:
     """Give each block the forward of its policy, built from its class's forward (so applying again replaces it)."""
     for block, policy in zip(blocks, recompute, strict=True):
-        block.forward = block_forward(type(block).forward.__get__(block), policy, compile=compile)
+        block.forward = block_forward(type(block).forward.__get__(block), policy, compile=compile,
+                                      width=block.attn.proj.out_features)
