@@ -5,8 +5,10 @@ import-simpletuner  turn SimpleTuner's config.json + multidatabackend.json into 
 run                 train a job on this machine (GPUs, or the CPU) with the code the cluster's pods run
 demo                make a tiny dataset and model, and run a job on them on the CPU (about two minutes)
 sample              preview a LoRA: one image-to-video MP4 from a start frame and a prompt
+serve               browse jobs (curves, validation videos, LoRA files) and preview LoRAs in a web page
 
-run, demo and sample need the trainer's packages: pip install 'longcat-i2v[trainer]'.
+run, demo and sample need the trainer's packages: pip install 'longcat-i2v[trainer]'; serve needs
+'longcat-i2v[ui]' (and the trainer's packages for its preview).
 """
 
 from __future__ import annotations
@@ -112,6 +114,18 @@ def _sample(args: argparse.Namespace) -> int:
     return sample_main(args.rest)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    if args.output is None and not args.cluster:
+        raise SystemExit("longcat-i2v serve: pass --output DIR|s3://BUCKET/PREFIX (a job's output or a folder of "
+                         "jobs), or --cluster")
+    try:
+        from longcat_ui.serve import serve  # noqa: PLC0415
+    except ModuleNotFoundError as exc:
+        raise SystemExit(f"longcat-i2v serve: needs the UI's packages ({exc.name} is not installed): "
+                         "pip install 'longcat-i2v[ui]'") from None
+    return serve(args.output, model=args.model, host=args.host, port=args.port, cluster=args.cluster)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longcat-i2v", description=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,6 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="preview a LoRA: one MP4 from a start frame and a prompt",
                                  add_help=False)
     sample.set_defaults(handler=_sample)
+
+    serve = commands.add_parser("serve", help="job browser and LoRA preview in a web page (local by default)")
+    serve.add_argument("--output", metavar="DIR|s3://BUCKET/PREFIX",
+                       help="a job's output location, or a folder of them (S3: endpoint and keys from AWS_*)")
+    serve.add_argument("--model", metavar="SOURCE", help="the checkpoint previews sample with (default: each "
+                       "job's own spec.model.source, from its job.json)")
+    serve.add_argument("--cluster", action="store_true",
+                       help="also list the cluster's LongCatI2VJobs (kubeconfig; always on inside a pod)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=_positive, default=8000)
+    serve.set_defaults(handler=_serve)
     return parser
 
 
