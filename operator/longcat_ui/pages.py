@@ -85,7 +85,8 @@ async function drawLoss(url, weight) {
     {x: history.step, y: history.lr, name: "learning rate", mode: "lines", yaxis: "y2", line: {color: "#d9822b"}},
   ];
   const layout = {xaxis: {title: {text: "step"}}, yaxis: {title: {text: "training loss"}},
-    yaxis2: {title: {text: "learning rate"}, overlaying: "y", side: "right", exponentformat: "e"},
+    yaxis2: {title: {text: "learning rate"}, overlaying: "y", side: "right", exponentformat: "e",
+      rangemode: "tozero"},  // a constant rate sits at its value, not in a range around it
     margin: {t: 30}, legend: {orientation: "h"}, dragmode: "zoom"};
   await Plotly.newPlot(chart, traces, layout, {responsive: true});
   const slider = document.getElementById("smoothing");
@@ -167,7 +168,7 @@ async function poll(id) {
   else if (s.state === "failed") { status.textContent = "failed"; show("errors", `<p>${escapeHtml(s.error)}</p>`); return; }
   else if (s.state === "done") {
     status.textContent = `done in ${s.seconds.toFixed(1)} s`;
-    show("result", `<video id="preview-video" src="${s.video}" controls autoplay loop muted playsinline></video>` +
+    show("result", `<video id="preview-video" src="${s.video}" width="416" controls autoplay loop muted playsinline></video>` +
                    `<p><a id="download" href="${s.video}?download=1" download>download the MP4</a></p>`);
     return;
   }
