@@ -115,15 +115,12 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    if args.output is None and not args.cluster:
-        raise SystemExit("longcat-i2v serve: pass --output DIR|s3://BUCKET/PREFIX (a job's output or a folder of "
-                         "jobs), or --cluster")
     try:
-        from longcat_ui.serve import serve  # noqa: PLC0415
+        from longcat_ui.serve import main as serve_main  # noqa: PLC0415
     except ModuleNotFoundError as exc:
         raise SystemExit(f"longcat-i2v serve: needs the UI's packages ({exc.name} is not installed): "
                          "pip install 'longcat-i2v[ui]'") from None
-    return serve(args.output, model=args.model, host=args.host, port=args.port, cluster=args.cluster)
+    return serve_main(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,15 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  add_help=False)
     sample.set_defaults(handler=_sample)
 
-    serve = commands.add_parser("serve", help="job browser and LoRA preview in a web page (local by default)")
-    serve.add_argument("--output", metavar="DIR|s3://BUCKET/PREFIX",
-                       help="a job's output location, or a folder of them (S3: endpoint and keys from AWS_*)")
-    serve.add_argument("--model", metavar="SOURCE", help="the checkpoint previews sample with (default: each "
-                       "job's own spec.model.source, from its job.json)")
-    serve.add_argument("--cluster", action="store_true",
-                       help="also list the cluster's LongCatI2VJobs (kubeconfig; always on inside a pod)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=_positive, default=8000)
+    # Its own parser (longcat_ui.serve) reads the arguments, as `python -m longcat_ui` in the trainer image.
+    serve = commands.add_parser("serve", help="job browser and LoRA preview in a web page (local by default)",
+                                add_help=False)
     serve.set_defaults(handler=_serve)
     return parser
 
@@ -183,7 +174,7 @@ def _positive(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.handler is not _sample:
+    if rest and args.handler not in (_sample, _serve):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
     return args.handler(args)
