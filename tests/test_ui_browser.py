@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from fractions import Fraction
@@ -198,3 +199,16 @@ def test_a_bad_image_is_refused_on_the_page_naming_the_field(
     browser.save_screenshot(str(screenshots / "preview-refused.png"))
     assert message.startswith("image: the file cannot be decoded as an image") and "PNG or JPEG" in message
     assert browser.find_element(By.ID, "status").text == ""  # refused before it was queued
+
+
+def test_only_keys_of_the_job_s_output_are_served(server: str, demo_output: Path) -> None:
+    """The demo's job.yaml sits beside output/: no key reaches it; a range past the end is refused."""
+    assert (demo_output.parent / "job.yaml").is_file()
+    for key in ("..%2Fjob.yaml", "validation/..%2F..%2Fjob.yaml", "%2Fetc%2Fpasswd"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{server}/jobs/output/files/{key}")
+        assert refused.value.code in (400, 404), key
+    request = urllib.request.Request(f"{server}/jobs/output/files/loss.json", headers={"Range": "bytes=99999999-"})
+    with pytest.raises(urllib.error.HTTPError) as unsatisfiable:
+        urllib.request.urlopen(request)
+    assert unsatisfiable.value.code == 416
