@@ -138,6 +138,18 @@ def test_the_job_page_charts_the_loss_and_every_video_loads(
     assert any("checkpoints/step-00000005/" in h for h in links)
 
 
+def test_the_static_report_plays_from_disk_without_a_server(browser: WebDriver, demo_output: Path,
+                                                             screenshots: Path) -> None:
+    browser.get((demo_output / "index.html").as_uri())
+    wait(browser, "const v = Array.from(document.querySelectorAll('video.sync'));"
+         "return v.length === 2 && v.every(x => x.readyState >= 1);", "the report's videos from disk")
+    assert browser.execute_script("return document.querySelector('img[alt^=loss]').naturalWidth") > 0
+    assert browser.execute_script("return document.querySelector('img[alt=\"start frame\"]').naturalWidth") > 0
+    browser.find_element(By.ID, "play-all").click()
+    wait(browser, "return Array.from(document.querySelectorAll('video.sync')).every(v => !v.paused)", "playing")
+    browser.save_screenshot(str(screenshots / "static-report.png"))
+
+
 def test_a_preview_from_an_uploaded_start_frame_plays_the_tiny_model_s_mp4(
     server: str, browser: WebDriver, demo_output: Path, screenshots: Path, tmp_path: Path
 ) -> None:

@@ -20,7 +20,7 @@ from longcat_job.lora_files import PEFT_CONFIG, PEFT_WEIGHTS
 from longcat_job.storage import LocalStore, ObjectStore
 
 from . import pages
-from .jobs import Job, cluster_jobs, jobs_of_location
+from .jobs import Job, cluster_job, cluster_jobs, job_of_location, jobs_of_location
 from .objects import object_response
 from .preview_queue import Generate, PreviewQueue, PreviewTask
 from .preview_request import FieldProblem, Refused, check_image, parse_form, settings, uploaded_image
@@ -57,7 +57,9 @@ class Server:
         return found, notes
 
     def job(self, job_id: str) -> Job | None:
-        return next((j for j in self.jobs()[0] if j.id == job_id), None)
+        if ":" in job_id and self.custom_objects is not None:  # namespace:name
+            return cluster_job(self.custom_objects, job_id)
+        return job_of_location(self.output, job_id) if self.output is not None else None
 
     def model_of(self, job: Job) -> str | None:
         spec = job.spec()

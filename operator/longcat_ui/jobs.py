@@ -111,16 +111,42 @@ def jobs_of_location(store: ObjectStore) -> list[Job]:
     return found
 
 
+def job_of_location(store: ObjectStore, job_id: str) -> Job | None:
+    """The job `job_id` of `jobs_of_location` without reading every job's progress.json (a video's range
+    requests each look their job up)."""
+    itself = Job(PurePosixPath(store.url.rstrip("/")).name or "job", store)
+    if itself.read(output_layout.PROGRESS) is not None:
+        return itself if itself.id == job_id else None
+    if "/" in job_id or job_id in ("", ".", ".."):
+        return None
+    job = Job(job_id, under(store, job_id))
+    return job if job.read(output_layout.PROGRESS) is not None else None
+
+
+def _cluster_job(item: dict[str, Any]) -> Job | None:
+    meta = item.get("metadata", {})
+    try:
+        location = Location.model_validate(item["spec"]["output"], strict=False)
+    except (KeyError, ValidationError):
+        return None
+    store = store_for(location, what=f"LongCatI2VJob {meta.get('namespace')}/{meta.get('name')}: spec.output")
+    return Job(f"{meta.get('namespace')}:{meta.get('name')}", store, item.get("status") or {})
+
+
+def cluster_job(custom_objects: Any, job_id: str) -> Job | None:
+    from kubernetes.client.exceptions import ApiException  # noqa: PLC0415 - only where there is a cluster
+
+    namespace, _, name = job_id.partition(":")
+    try:
+        return _cluster_job(custom_objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
 def cluster_jobs(custom_objects: Any) -> list[Job]:
     """Every LongCatI2VJob the server's ServiceAccount may list, read through its spec.output with the
     server's own S3 credentials (the environment's: the Secret the jobs use)."""
-    found = []
-    for item in custom_objects.list_cluster_custom_object(GROUP, VERSION, PLURAL).get("items", []):
-        meta = item.get("metadata", {})
-        try:
-            location = Location.model_validate(item["spec"]["output"], strict=False)
-        except (KeyError, ValidationError):
-            continue
-        store = store_for(location, what=f"LongCatI2VJob {meta.get('namespace')}/{meta.get('name')}: spec.output")
-        found.append(Job(f"{meta.get('namespace')}:{meta.get('name')}", store, item.get("status") or {}))
-    return found
+    items = custom_objects.list_cluster_custom_object(GROUP, VERSION, PLURAL).get("items", [])
+    return [job for job in map(_cluster_job, items) if job is not None]

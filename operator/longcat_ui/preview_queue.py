@@ -9,7 +9,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -39,7 +39,6 @@ class Status:
     started: float | None = None
     error: str | None = None
     seconds: float | None = None  # of a finished one
-    video: Path | None = field(default=None, repr=False)
 
     def eta(self) -> float | None:
         if self.state != "running" or self.started is None or self.done == 0:
@@ -93,6 +92,5 @@ class PreviewQueue:
                 log.exception("preview %s failed", preview_id)
                 status.error, status.state = f"{type(exc).__name__}: {exc}", "failed"
                 continue
-            path = self.folder / f"{preview_id}.mp4"
-            path.write_bytes(video)
-            status.video, status.seconds, status.state = path, time.monotonic() - status.started, "done"
+            (self.folder / f"{preview_id}.mp4").write_bytes(video)
+            status.seconds, status.state = time.monotonic() - status.started, "done"
