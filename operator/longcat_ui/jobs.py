@@ -98,10 +98,15 @@ def _step(folder: str) -> int:
     return int(match.group(1)) if match else 0
 
 
+def _location_as_job(store: ObjectStore) -> Job | None:
+    """The location itself, named by its last folder, when it holds one job's progress.json."""
+    itself = Job(PurePosixPath(store.url.rstrip("/")).name or "job", store)
+    return itself if itself.read(output_layout.PROGRESS) is not None else None
+
+
 def jobs_of_location(store: ObjectStore) -> list[Job]:
     """One job when the location holds progress.json itself, else each sub-folder that holds one."""
-    itself = Job(PurePosixPath(store.url.rstrip("/")).name or "job", store)
-    if itself.read(output_layout.PROGRESS) is not None:
+    if (itself := _location_as_job(store)) is not None:
         return [itself]
     found = []
     for name in children(store):
@@ -114,8 +119,7 @@ def jobs_of_location(store: ObjectStore) -> list[Job]:
 def job_of_location(store: ObjectStore, job_id: str) -> Job | None:
     """The job `job_id` of `jobs_of_location` without reading every job's progress.json (a video's range
     requests each look their job up)."""
-    itself = Job(PurePosixPath(store.url.rstrip("/")).name or "job", store)
-    if itself.read(output_layout.PROGRESS) is not None:
+    if (itself := _location_as_job(store)) is not None:
         return itself if itself.id == job_id else None
     if "/" in job_id or job_id in ("", ".", ".."):
         return None
