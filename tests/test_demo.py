@@ -62,6 +62,7 @@ def test_demo_trains_a_tiny_job_end_to_end_and_says_what_it_was(tmp_path: Path) 
     with Image.open(printed(stdout, "loss curve")) as curve:
         curve.load()
     assert "<video" in printed(stdout, "report").read_text()
+    assert f"longcat-i2v serve --output {demo / 'output'}" in stdout  # tests/test_ui_browser.py serves it
 
     progress = TrainerProgress.from_json((demo / "output/progress.json").read_bytes())
     assert progress.phase == "Succeeded" and progress.progress.step == job.spec.training.max_steps

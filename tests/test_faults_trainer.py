@@ -151,4 +151,4 @@ def test_two_node_gang_resumes_after_sigkill_and_sigterm(
     assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)  # it trained: B left zero
     # The loss history in the last checkpoint has each step once, in order: no step counted twice.
     state = torch.load(out / f"checkpoints/step-{MAX_STEPS:08d}/state.pt", weights_only=False)
-    assert [step for step, _ in state["loss_history"]] == list(range(1, MAX_STEPS + 1))
+    assert [step for step, *_ in state["loss_history"]] == list(range(1, MAX_STEPS + 1))

@@ -20,6 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 from longcat_job.failures import ExitCode
+from longcat_job.loss_history import LossHistory
 from longcat_job.progress import TrainerProgress
 from longcat_job.storage import LocalStore, S3Store
 from longcat_trainer.commands.run import LATEST_CHECKPOINT_KEY, load_for_run
@@ -182,4 +183,8 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tiny_checkpoint:
     video = re.search(r"video: +(\S+\.mp4)", second.stdout).group(1)
     assert Path(video).is_file() and f"/validation/step-{MAX_STEPS}/" in video
     assert (out / "index.html").is_file() and (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    # loss.json has every step once across the interrupt, with its learning rate, for the UI's chart.
+    history = LossHistory.model_validate_json((out / "loss.json").read_bytes())
+    assert history.step == list(range(1, MAX_STEPS + 1)) and len(history.loss) == len(history.lr) == MAX_STEPS
+    assert all(v is not None and v > 0 for v in history.lr + history.loss)
     print(f"run, Ctrl-C at step {stopped.progress.step}, resume to {MAX_STEPS}: {time.monotonic() - started:.1f}s")

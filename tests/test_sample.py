@@ -13,8 +13,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
-from longcat_job.api import LoraSpec
-from longcat_trainer import denoise, lora
+from longcat_job.api import LoraSpec, ValidationSpec
+from longcat_trainer import denoise, lora, preview
 from longcat_trainer.commands import sample as sample_command
 from longcat_trainer.model.loading import load_dit
 
@@ -163,6 +163,32 @@ def test_sample_command_writes_a_playable_mp4_with_a_lora(tiny_checkpoint: Path,
     assert sample_command.main(argv) == 0
     assert decode(out) == (9, (112, 64), Fraction(16))
     assert Image.open(out.with_suffix(".png")).width == 2 * 112
+
+
+def test_lora_strength_scales_the_lora_s_change(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    image = tmp_path / "start.png"
+    Image.new("RGB", (120, 70), (40, 200, 40)).save(image)
+    dit = load_dit(tiny_checkpoint, dtype=torch.float32)
+    lora.add_lora(dit, LoraSpec(rank=4, alpha=8))
+    with torch.no_grad():  # a trained LoRA's B is not zero; a fresh one's would change nothing at any strength
+        for name, param in dit.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    lora_dir = tmp_path / "lora"
+    lora_dir.mkdir()
+    for name, data in lora.export_files(lora.lora_state(dit), LoraSpec(rank=4, alpha=8)).items():
+        (lora_dir / name).write_bytes(data)
+    spec = ValidationSpec(resolution="64x112", frames=9, num_inference_steps=2)
+    steps: list[tuple[int, int]] = []
+
+    def frames(**lora_args: object) -> torch.Tensor:
+        job = preview.Preview(tiny_checkpoint, image, "start.png", "a green car", spec, **lora_args)
+        return preview.generate(job, torch.device("cpu"), lambda done, total: steps.append((done, total)))
+
+    plain = frames()
+    assert steps == [(1, 2), (2, 2)]
+    assert torch.equal(frames(lora=lora_dir, lora_strength=0.0), plain)
+    assert not torch.equal(frames(lora=lora_dir, lora_strength=1.0), plain)
 
 
 def test_sample_command_names_the_bad_flag(tiny_checkpoint: Path, tmp_path: Path) -> None:

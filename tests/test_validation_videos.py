@@ -84,8 +84,18 @@ def test_validation_uploads_videos_sheets_and_index_under_the_step_prefix(
     page = client.get_object(Bucket=s3_bucket, Key="out/index.html")
     assert page["ContentType"].startswith("text/html")
     body = page["Body"].read().decode()
-    assert body.index("step 6") < body.index("step 3")  # newest first, both kept
-    assert 'src="validation/step-3/00-shape-000.mp4"' in body and "loss.png" in body
+    # One row per sample: its start frame and source clip (copied beside the videos, so the page needs no
+    # access to the dataset), then the video of each step, oldest first, with the control that plays them all.
+    start, clip = "validation/inputs/00-shape-000-start.png", "validation/inputs/00-shape-000-clip.mp4"
+    assert client.get_object(Bucket=s3_bucket, Key=f"out/{clip}")["ContentType"] == "video/mp4"
+    original = client.get_object(Bucket=s3_bucket, Key="data/start_frames/shape-000.png")["Body"].read()
+    assert client.get_object(Bucket=s3_bucket, Key=f"out/{start}")["Body"].read() == original
+    row = body[body.index("<th>clips/shape-000"):]
+    order = [row.index(f'src="{key}"') for key in (start, clip, "validation/step-3/00-shape-000.mp4",
+                                                    "validation/step-6/00-shape-000.mp4")]
+    assert order == sorted(order)
+    assert 'src="validation/step-3/01-shape-001.mp4"' in body and "loss.png" in body
+    assert "playAllInSync" in body and 'id="play-all"' in body
 
     # The model goes back to training with nothing left behind.
     assert dit.training and all(p.grad is None for p in dit.parameters())

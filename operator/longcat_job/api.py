@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from enum import Enum
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, model_validator
 from pydantic.alias_generators import to_camel
@@ -386,6 +386,11 @@ class DatasetSpec(ApiModel):
     )
 
 
+# validation.sampler's choices: `longcat-i2v sample --sampler` and the UI's preview form offer these.
+Sampler = Literal["standard", "distilled"]
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
+
+
 class ValidationSpec(ApiModel):
     resolution: Annotated[str, ResolutionRule, Field(max_length=11)] = Field(
         "480x832", description="SimpleTuner validation_resolution, HEIGHTxWIDTH (LongCat's 480x832 is landscape)."
@@ -400,7 +405,7 @@ class ValidationSpec(ApiModel):
     guidance_method: Literal["cfg", "optimized"] = Field(
         "cfg", description="`cfg` is classic guidance; `optimized` is the official pipeline's optimized scale."
     )
-    sampler: Literal["standard", "distilled"] = Field(
+    sampler: Sampler = Field(
         "standard",
         description="`standard` samples with numInferenceSteps and guidance; `distilled` with the checkpoint's "
         "lora/cfg_step_lora.safetensors on top of the trained LoRA, 16 steps, no guidance (previews in a fraction "

@@ -13,8 +13,7 @@ from pydantic import Field
 
 from .api import ApiModel, Artifacts, Progress
 from .failures import FailureReason
-
-PROGRESS_KEY = "progress.json"
+from .output_layout import PROGRESS as PROGRESS_KEY
 
 Phase = Literal["Starting", "Caching", "Training", "Succeeded", "Failed", "Preempted"]
 

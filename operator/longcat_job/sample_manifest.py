@@ -13,12 +13,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from . import output_layout
 from .api import JobSpec
 from .failures import InvalidConfigError
 from .preflight import PreflightResult
 from .storage import ObjectRecord, ObjectStore
 
-MANIFEST_KEY = "manifest.json"
+MANIFEST_KEY = output_layout.MANIFEST
 Split = Literal["train", "validation"]
 
 

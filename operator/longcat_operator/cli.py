@@ -5,8 +5,10 @@ import-simpletuner  turn SimpleTuner's config.json + multidatabackend.json into 
 run                 train a job on this machine (GPUs, or the CPU) with the code the cluster's pods run
 demo                make a tiny dataset and model, and run a job on them on the CPU (about two minutes)
 sample              preview a LoRA: one image-to-video MP4 from a start frame and a prompt
+serve               browse jobs (curves, validation videos, LoRA files) and preview LoRAs in a web page
 
-run, demo and sample need the trainer's packages: pip install 'longcat-i2v[trainer]'.
+run, demo and sample need the trainer's packages: pip install 'longcat-i2v[trainer]'; serve needs
+'longcat-i2v[ui]' (and the trainer's packages for its preview).
 """
 
 from __future__ import annotations
@@ -112,6 +114,15 @@ def _sample(args: argparse.Namespace) -> int:
     return sample_main(args.rest)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from longcat_ui.serve import main as serve_main  # noqa: PLC0415
+    except ModuleNotFoundError as exc:
+        raise SystemExit(f"longcat-i2v serve: needs the UI's packages ({exc.name} is not installed): "
+                         "pip install 'longcat-i2v[ui]'") from None
+    return serve_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longcat-i2v", description=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="preview a LoRA: one MP4 from a start frame and a prompt",
                                  add_help=False)
     sample.set_defaults(handler=_sample)
+
+    # Its own parser (longcat_ui.serve) reads the arguments, as `python -m longcat_ui` in the trainer image.
+    serve = commands.add_parser("serve", help="job browser and LoRA preview in a web page (local by default)",
+                                add_help=False)
+    serve.set_defaults(handler=_serve)
     return parser
 
 
@@ -158,7 +174,7 @@ def _positive(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.handler is not _sample:
+    if rest and args.handler not in (_sample, _serve):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
     return args.handler(args)

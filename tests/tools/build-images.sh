@@ -123,4 +123,4 @@ build() {
 }
 
 build operator Dockerfile pyproject.toml constraints.txt README.md operator
-build trainer trainer_image/Dockerfile pyproject.toml constraints.txt README.md operator/longcat_job trainer_image
+build trainer trainer_image/Dockerfile pyproject.toml constraints.txt README.md operator/longcat_job operator/longcat_ui trainer_image

@@ -23,18 +23,18 @@ from typing import Any
 import torch
 from botocore.exceptions import BotoCoreError, ClientError
 
+from longcat_job import output_layout
 from longcat_job.storage import LocalStore, ObjectStore, S3Store
 
 log = logging.getLogger(__name__)
 
-PREFIX = "checkpoints/"
-LATEST = PREFIX + "latest"
-STATE = "state.pt"
+PREFIX = output_layout.CHECKPOINTS
+LATEST = output_layout.LATEST_CHECKPOINT
+STATE = output_layout.CHECKPOINT_STATE
 _STEP_DIR = re.compile(r"^step-(\d+)/")
 
 
-def step_prefix(step: int) -> str:
-    return f"{PREFIX}step-{step:08d}/"
+step_prefix = output_layout.checkpoint_prefix
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""What rank 0 leaves under the output location for people and the operator: progress.json and loss.png."""
+"""What rank 0 leaves under the output location for people and the operator: progress.json, loss.json and
+loss.png."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import math
 import time
 from datetime import UTC, datetime
 
-from PIL import Image, ImageDraw
-
+from longcat_job import output_layout
+from longcat_job.loss_history import DEFAULT_SMOOTHING, LossHistory, smoothed
 from longcat_job.progress import (
     PROGRESS_KEY,
     Failure,
@@ -22,9 +23,6 @@ from longcat_job.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
-LOSS_CURVE = "loss.png"
-# The page that shows every validation step's videos beside the loss curve (written by validate.py).
-INDEX_HTML = "index.html"
 WRITE_EVERY_S = 10.0
 
 
@@ -62,33 +60,39 @@ class Reporter:
         self.store.put_bytes(PROGRESS_KEY, self.doc.to_json())
 
 
-def loss_curve_png(history: list[tuple[int, float]], width: int = 640, height: int = 360) -> bytes:
-    """A plain line plot of loss against step (with a 10-step moving average when there are enough points)."""
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    left, right, top, bottom = 60, width - 20, 30, height - 40
-    draw.rectangle([left, top, right, bottom], outline="black")
-    draw.text((left, 8), "training loss", fill="black")
-    points = [(s, v) for s, v in history if math.isfinite(v)]
-    if points:
-        steps = [s for s, _ in points]
-        values = [v for _, v in points]
-        s0, s1 = min(steps), max(max(steps), min(steps) + 1)
-        v0, v1 = min(values), max(values)
-        v1 = v1 if v1 > v0 else v0 + 1e-6
+def loss_curve_png(history: LossHistory) -> bytes:
+    """Loss against step (raw and smoothed) with the learning rate on a second axis, ticks on both."""
+    import matplotlib  # noqa: PLC0415 - loaded only when a curve is drawn (the first checkpoint)
 
-        def xy(step: float, value: float) -> tuple[float, float]:
-            return (left + (step - s0) / (s1 - s0) * (right - left), bottom - (value - v0) / (v1 - v0) * (bottom - top))
+    matplotlib.use("Agg")  # no display in a pod
+    from matplotlib import pyplot  # noqa: PLC0415
 
-        draw.line([xy(s, v) for s, v in points], fill=(150, 170, 220), width=1)
-        window = 10
-        if len(points) >= 2 * window:
-            smooth = [(steps[i], sum(values[i - window + 1 : i + 1]) / window) for i in range(window - 1, len(points))]
-            draw.line([xy(s, v) for s, v in smooth], fill=(20, 40, 160), width=2)
-        draw.text((4, top), f"{v1:.4g}", fill="black")
-        draw.text((4, bottom - 10), f"{v0:.4g}", fill="black")
-        draw.text((left, bottom + 8), f"step {s0}", fill="black")
-        draw.text((right - 70, bottom + 8), f"step {s1}", fill="black")
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    figure, axis = pyplot.subplots(figsize=(8, 4.5), dpi=100)
+    try:
+        axis.plot(history.step, [math.nan if v is None else v for v in history.loss], color="#9db3e6",
+                  linewidth=1, label="loss")
+        axis.plot(history.step, [math.nan if v is None else v for v in smoothed(history.loss)], color="#1f3a9e",
+                  linewidth=2, label=f"loss, smoothed ({DEFAULT_SMOOTHING} EMA)")
+        axis.set_xlabel("step")
+        axis.set_ylabel("training loss")
+        axis.grid(alpha=0.3)
+        lr_axis = axis.twinx()
+        lr_axis.plot(history.step, [math.nan if v is None else v for v in history.lr], color="#d9822b",
+                     linewidth=1.5, label="learning rate")
+        lr_axis.set_ylabel("learning rate", color="#d9822b")
+        lr_axis.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        lines = axis.get_lines() + lr_axis.get_lines()
+        axis.legend(lines, [line.get_label() for line in lines], loc="upper right", fontsize="small")
+        axis.set_title("training loss")
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+    finally:
+        pyplot.close(figure)
     return buffer.getvalue()
+
+
+def write_loss(store: ObjectStore, history: LossHistory) -> None:
+    """loss.json and loss.png, from the same rows."""
+    store.put_bytes(output_layout.LOSS_HISTORY, history.to_json(), content_type="application/json")
+    store.put_bytes(output_layout.LOSS_CURVE, loss_curve_png(history), content_type="image/png")

@@ -30,6 +30,8 @@ from diffusers.optimization import get_scheduler
 
 from longcat_job.api import LongCatI2VJob
 from longcat_job.failures import BadInputError, Preempted, classify
+from longcat_job import output_layout
+from longcat_job.loss_history import LossHistory
 from longcat_job.lora_files import FORMAT_FILES
 from longcat_job.preflight import run_preflight
 from longcat_job.progress import BadSamples, CacheCounts
@@ -55,7 +57,7 @@ from .metrics import DEFAULT_METRICS_PORT, METRICS_PORT_ENV, RateLog, TrainerMet
 from .model.loading import load_dit
 from .model.prepare import prepare_for_training
 from .model.sources import resolve_model_source
-from .report import INDEX_HTML, LOSS_CURVE, Reporter, loss_curve_png, uri
+from .report import Reporter, uri, write_loss
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +133,9 @@ def _train(job: LongCatI2VJob, hooks: Hooks, world: World, output: ObjectStore, 
         metrics.serve(int(os.environ.get(METRICS_PORT_ENV, DEFAULT_METRICS_PORT)))
     metrics.max_steps.set(train_spec.max_steps)
     manifest = frozen_manifest(job, output, world)
+    if world.is_main:  # the UI's preview finds the model and the sizes here, without the job file
+        output.put_bytes(output_layout.JOB, job.model_dump_json(by_alias=True, exclude_none=True).encode(),
+                         content_type="application/json")
     model_root = resolve_model_source(spec.model.source, storage=spec.model.storage)
     dtype = torch.bfloat16 if world.device.type == "cuda" and train_spec.precision == "bf16" else torch.float32
 
@@ -138,7 +143,7 @@ def _train(job: LongCatI2VJob, hooks: Hooks, world: World, output: ObjectStore, 
     cache, cache_stores = prepare_caches(job, manifest, world, model_root, dtype, reporter, metrics)
     reporter.doc.artifacts.manifest = uri(output, MANIFEST_KEY)
     if hooks.validate is not None:
-        reporter.doc.artifacts.report = uri(output, INDEX_HTML)
+        reporter.doc.artifacts.report = uri(output, output_layout.INDEX_HTML)
 
     dit = load_dit(model_root, dtype=dtype, device=world.device)
     state = checkpoint.load_latest(output)
@@ -253,7 +258,9 @@ class TrainingRun:
     def restore(self, state: dict[str, Any]) -> None:
         distributed.load_optimizer_state(self.dit, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.history = state["step"], state["loss_history"]
+        # Checkpoints written before the learning rate was kept hold (step, loss) pairs.
+        self.step = state["step"]
+        self.history = [(row[0], row[1], row[2] if len(row) > 2 else None) for row in state["loss_history"]]
         self.stream.close()
         self.stream = self._stream(**resumed_position(state, self.world.data_parallel_size))
         if len(state["rng"]) == self.world.world_size:
@@ -278,6 +285,7 @@ class TrainingRun:
             kept = artifacts.checkpoints + [artifacts.latest_checkpoint]
             artifacts.checkpoints = kept[-self.train.keep_checkpoints :]
             self.reporter.write(force=True)
+            write_loss(self.output, LossHistory.of(self.history))
         distributed.barrier()
         self.metrics.checkpoint_seconds.observe(time.monotonic() - started)
 
@@ -348,7 +356,7 @@ class TrainingRun:
             while self.step < self.train.max_steps:
                 started, waited = time.monotonic(), self.stream.wait_seconds
                 loss, tokens = self.train_step()
-                self.history.append((self.step, loss))
+                self.history.append((self.step, loss, self.scheduler.get_last_lr()[0]))
                 self._observe(loss, tokens * self.world.data_parallel_size, time.monotonic() - started,
                               self.stream.wait_seconds - waited, rate)
                 if self.hooks.after_step is not None:
@@ -388,10 +396,10 @@ class TrainingRun:
         files = self.lora_files(lora.lora_state(self.dit))  # every rank: a collective under FSDP
         if self.world.is_main:
             for name, data in files.items():
-                self.output.put_bytes(f"lora/{name}", data)
-            self.output.put_bytes(LOSS_CURVE, loss_curve_png(self.history))
+                self.output.put_bytes(f"{output_layout.LORA}{name}", data)
+            write_loss(self.output, LossHistory.of(self.history))
             main = "peft" if "peft" in self.spec.lora.formats else self.spec.lora.formats[0]
-            self.reporter.doc.artifacts.lora = uri(self.output, f"lora/{FORMAT_FILES[main]}")
+            self.reporter.doc.artifacts.lora = uri(self.output, f"{output_layout.LORA}{FORMAT_FILES[main]}")
             log.info("LoRA written to %s", self.reporter.doc.artifacts.lora)
         self.reporter.phase("Succeeded")
         distributed.barrier()

@@ -6,10 +6,12 @@ context parallelism the ranks of a group sample it together, without the conditi
 
     <output>/validation/step-<N>/<i>-<stem>.mp4   H.264 video
     <output>/validation/step-<N>/<i>-<stem>.png   contact sheet (every 8th frame, step and prompt)
+    <output>/validation/inputs/<i>-<stem>-start.<ext>, -clip.<ext>   the sample's start frame and source clip
 
 and returns every rank's MP4 URIs (the same list on all ranks) for progress.json. Rank 0 keeps
-`validation/index.json` (every step's files) and renders `<output>/index.html` from it: each step's videos
-side by side, newest first, under the loss curve (`loss.png`, shown once training has written it).
+`validation/index.json` (every step's files) and renders `<output>/index.html` from it: per sample its start
+frame, source clip and the video of each step side by side (validation_grid.py), under the loss curve
+(`loss.png`, shown once training has written it). Keys: longcat_job/output_layout.py.
 
 Samples: the first `validation.maxSamples` of the dataset named by `validation.evalDatasetId`, else of the
 manifest's validation split, else of the training split. Sample i always gets the noise of seed
@@ -24,6 +26,7 @@ import html
 import io
 import json
 import logging
+import mimetypes
 import time
 from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
@@ -32,10 +35,12 @@ from typing import TYPE_CHECKING
 import av
 import torch
 
+from longcat_job import output_layout
 from longcat_job.api import JobSpec
 from longcat_job.s3 import S3AccessError
 from longcat_job.sample_manifest import Manifest, ManifestSample, read_manifest
 from longcat_job.storage import ObjectStore, store_for
+from longcat_job.validation_grid import render_grid
 
 from . import distributed, ema, media, official_lora
 from .denoise import (
@@ -50,19 +55,14 @@ from .denoise import (
     to_uint8_frames,
 )
 from .model import encode, loading
-from .report import INDEX_HTML, LOSS_CURVE, uri
+from .report import uri
 
 if TYPE_CHECKING:
     from .train import StepInfo
 
 log = logging.getLogger(__name__)
 
-PREFIX = "validation"
-INDEX_JSON = f"{PREFIX}/index.json"
-
-
-def step_prefix(step: int) -> str:
-    return f"{PREFIX}/step-{step}"
+step_prefix = output_layout.validation_step
 
 
 def choose_samples(spec: JobSpec, manifest: Manifest) -> list[tuple[str, ManifestSample]]:
@@ -94,38 +94,30 @@ class PreparedSample:
     fps: float
     start_latents: torch.Tensor  # [1, C, 1, h, w] float32, CPU
     text: TextStates  # CPU
+    inputs: dict[str, str]  # "start", "clip": the output keys of the copies the report shows beside the videos
 
 
 def render_index(entries: list[dict], title: str, weights: str) -> str:
-    """index.html: the loss curve, then one row per validation step (newest first), one column per sample;
-    `weights` says which adapter weights the videos show."""
-    rows = []
-    for entry in sorted(entries, key=lambda e: -e["step"]):
-        cells = "".join(
-            f'<td><video src="{html.escape(f["mp4"])}" controls loop muted preload="none" '
-            f'poster="{html.escape(f["png"])}" width="416"></video><br>'
-            f'<a href="{html.escape(f["png"])}">contact sheet</a> {html.escape(f["name"])}<br>'
-            f"<small>{html.escape(f['prompt'])}</small></td>"
-            for f in entry["files"]
-        )
-        rows.append(f"<tr><th>step {entry['step']}</th>{cells}</tr>")
+    """index.html: the loss curve, then the validation grid; `weights` says which adapter weights the videos
+    show. Every link is a key relative to the page, so it opens from disk or S3 without a server."""
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        "<style>body{font-family:sans-serif}td,th{vertical-align:top;padding:4px}</style></head><body>"
+        "<style>body{font-family:sans-serif}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><p>The videos show {html.escape(weights)}.</p>"
-        f"<img src='{LOSS_CURVE}' alt='loss curve (written when training ends)' onerror=\"this.style.display='none'\">"
-        f"<table>{''.join(rows)}</table></body></html>"
+        f"<img src='{output_layout.LOSS_CURVE}' alt='loss curve (written at each checkpoint)' "
+        "onerror=\"this.style.display='none'\">"
+        f"{render_grid(entries)}</body></html>"
     )
 
 
 def update_index(output: ObjectStore, step: int, files: list[dict], title: str, weights: str) -> None:
     try:
-        entries = json.loads(output.get_bytes(INDEX_JSON))
+        entries = json.loads(output.get_bytes(output_layout.VALIDATION_INDEX))
     except (FileNotFoundError, S3AccessError):  # the first validation of the job (a denied read fails the put below)
         entries = []
     entries = [e for e in entries if e["step"] != step] + [{"step": step, "files": files}]
-    output.put_bytes(INDEX_JSON, json.dumps(entries, indent=1).encode())
-    output.put_bytes(INDEX_HTML, render_index(entries, title, weights).encode(), content_type="text/html; charset=utf-8")
+    output.put_bytes(output_layout.VALIDATION_INDEX, json.dumps(entries, indent=1).encode())
+    output.put_bytes(output_layout.INDEX_HTML, render_index(entries, title, weights).encode(), content_type="text/html; charset=utf-8")
 
 
 
@@ -181,13 +173,27 @@ class Validator:
             start = load_start_frame(raw, f"{conditioning_id}/{start_key}", height, width)
             caption = store(dataset_id).get_bytes(sample.caption.key).decode("utf-8", "replace") if sample.caption else ""
             latents = encode.encode_video_latents(self.vae, start.to(world.device)).float().cpu()
+            inputs = self.copy_inputs(info.output, index, sample.stem, {"start": (store(conditioning_id), start_key),
+                                                                        "clip": (store(dataset_id), sample.clip.key)})
             self.samples.append(PreparedSample(index, f"{dataset_id}/{sample.stem}", caption.strip(),
-                                               clip_fps(store(dataset_id), sample.clip.key), latents, text(caption)))
+                                               clip_fps(store(dataset_id), sample.clip.key), latents, text(caption),
+                                               inputs))
         guided = settings_for(spec.validation, self.shift).guidance > 1
         self.negative = text(spec.validation.negative_prompt) if guided else None
         self.vae.to("cpu")
         text_encoder = None  # `text` holds it in its closure: clearing it there frees the encoder's memory
         free_memory(world.device)
+
+    def copy_inputs(self, output: ObjectStore, index: int, stem: str,
+                    sources: dict[str, tuple[ObjectStore, str]]) -> dict[str, str]:
+        """Copy the sample's start frame and source clip beside the videos: the datasets may sit in another
+        bucket, and the report must open with no credentials for them."""
+        keys = {}
+        for role, (source, key) in sources.items():
+            keys[role] = f"{output_layout.VALIDATION_INPUTS}/{index:02d}-{stem}-{role}{PurePosixPath(key).suffix}"
+            if self.uploads:
+                output.put_bytes(keys[role], source.get_bytes(key), content_type=mimetypes.guess_type(key)[0])
+        return keys
 
     def __call__(self, info: StepInfo) -> list[str]:
         started = time.monotonic()
@@ -235,7 +241,8 @@ class Validator:
             info.output.put_bytes(f"{stem}.mp4", media.mp4_bytes(frames, sample.fps), content_type="video/mp4")
             sheet = media.contact_sheet_png(frames, caption=sample.prompt, step=info.step)
             info.output.put_bytes(f"{stem}.png", sheet, content_type="image/png")
-        return {"index": sample.index, "name": sample.name, "prompt": sample.prompt, "mp4": f"{stem}.mp4", "png": f"{stem}.png"}
+        return {"index": sample.index, "name": sample.name, "prompt": sample.prompt, "mp4": f"{stem}.mp4",
+                "png": f"{stem}.png", **sample.inputs}
 
 
 def free_memory(device: torch.device) -> None:

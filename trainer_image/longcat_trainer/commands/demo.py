@@ -94,6 +94,7 @@ def run_demo(root: Path, say: Any = print) -> int:
     say(f"running {job} on the CPU with a TINY RANDOM model (the same code a cluster's pods run)")
     code = run_job(job, processes=1, cpu=True, say=say)
     if code == 0:
+        say(f"Browse the job (curve, videos, previews) in a web page: longcat-i2v serve --output {root / 'output'}")
         say("")
         say("That was a tiny randomly initialised model: the video shows the pipeline works, not a trained model.")
         say(f"To train the real LongCat-Video on the same data, change one line of {job}:")
