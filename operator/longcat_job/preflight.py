@@ -115,8 +115,9 @@ class PreflightReport(BaseModel):
     clips: int = 0  # clips of the video datasets, paired or not
     unusable: int = 0  # of them, the ones left out
     max_bad_fraction: float = 0.0
-    init_lora_problems: list[str] = []  # why spec.lora.initFrom cannot start this job
-    model_problems: list[str] = []  # checkpoint files the spec needs and the source lacks
+    # What the spec asks of its other sources that they cannot give: checkpoint files the model source lacks, a
+    # spec.lora.initFrom of another rank or targets.
+    spec_problems: list[str] = []
 
     @property
     def too_many_unusable(self) -> bool:
@@ -125,15 +126,15 @@ class PreflightReport(BaseModel):
     @property
     def ok(self) -> bool:
         return all(d.blocking == 0 for d in self.datasets) and not self.too_many_unusable \
-            and not self.init_lora_problems and not self.model_problems
+            and not self.spec_problems
 
     def dataset(self, dataset_id: str) -> DatasetReport:
         return next(d for d in self.datasets if d.id == dataset_id)
 
     def lines(self) -> list[str]:
-        """A human summary: the checkpoint's problems, one line per dataset, then each kind of problem with its
-        first keys."""
-        out = [f"error: {problem}" for problem in self.model_problems]
+        """A human summary: the spec's problems, one line per dataset, then each kind of problem with its first
+        keys."""
+        out = [f"error: {problem}" for problem in self.spec_problems]
         for d in self.datasets:
             noun = "start frames" if d.role == "conditioning" else "clips"
             head = f"{d.id} ({d.role}, {d.location}): {d.objects} objects, {d.media} {noun}"
@@ -157,7 +158,7 @@ class PreflightReport(BaseModel):
             out.append(f"{self.unusable} of {self.clips} samples are unusable "
                        f"({100 * self.unusable / self.clips:.1f} %, maxBadSampleFraction {self.max_bad_fraction}), "
                        f"{verdict}")
-        return out + [f"error: {problem}" for problem in self.init_lora_problems]
+        return out
 
 
 @dataclass(frozen=True)
@@ -279,9 +280,10 @@ def deep_check(specs: dict[str, DatasetSpec], stores: dict[str, ObjectStore], sa
     readers = {dataset_id: store.for_small_reads() for dataset_id, store in stores.items()}
 
     def check(item: tuple[str, Sample]) -> Checked:
-        checked = check_sample(specs[item[0]], readers, item[1])
-        progress.add()
-        return checked
+        try:
+            return check_sample(specs[item[0]], readers, item[1])
+        finally:
+            progress.add()
 
     result = DeepResult({dataset_id: [] for dataset_id in samples}, {},
                         {dataset_id: Counter() for dataset_id in samples})
@@ -371,10 +373,9 @@ def run_preflight(
         datasets=[reports[d.id] for d, _ in used], deep=deep, seconds=round(time.monotonic() - started, 3),
         clips=clips, unusable=clips - sum(len(kept) for kept in samples.values()),
         max_bad_fraction=spec.training.max_bad_sample_fraction,
-        model_problems=model_file_problems(spec, credentials),
+        spec_problems=model_file_problems(spec, credentials)
+        + (init_lora_problems(spec, credentials) if spec.lora.init_from is not None else []),
     )
-    if spec.lora.init_from is not None:
-        report.init_lora_problems = init_lora_problems(spec, credentials)
     log.info("preflight: %d datasets, %d clips, %d unusable, %.1fs, %s", len(used), clips, report.unusable,
              report.seconds, "ok" if report.ok else "problems found")
     return PreflightResult(report=report, samples=samples, stores=stores,

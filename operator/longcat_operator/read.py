@@ -128,7 +128,7 @@ def preflight(job: LongCatI2VJob, credentials: S3Credentials | None) -> Prefligh
         problems = [p for d in result.report.datasets for p in d.problems]
         reasons = {p.kind.value for p in problems if p.severity == "error"}
         reasons |= {"access" for d in result.report.datasets if d.access_error}
-        reasons |= {"initLora"} if result.report.init_lora_problems else set()
+        reasons |= {"spec"} if result.report.spec_problems else set()
         if not reasons and result.report.too_many_unusable:
             reasons = {p.kind.value for p in problems if p.severity == "sample"}
         for reason in reasons or {"unknown"}:
