@@ -14,7 +14,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
 from longcat_job.api import LoraSpec, ValidationSpec
-from longcat_trainer import denoise, lora, preview
+from longcat_trainer import denoise, lora, official_lora, preview
 from longcat_trainer.commands import sample as sample_command
 from longcat_trainer.model.loading import load_dit
 
@@ -165,19 +165,25 @@ def test_sample_command_writes_a_playable_mp4_with_a_lora(tiny_checkpoint: Path,
     assert Image.open(out.with_suffix(".png")).width == 2 * 112
 
 
-def test_lora_strength_scales_the_lora_s_change(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    image = tmp_path / "start.png"
-    Image.new("RGB", (120, 70), (40, 200, 40)).save(image)
+def trained_lora_dir(tiny_checkpoint: Path, folder: Path) -> tuple[Path, LoraSpec]:
+    """A LoRA export of the tiny model as training writes it, with B != 0 (a fresh one's would change nothing)."""
+    spec = LoraSpec(rank=4, alpha=8)
     dit = load_dit(tiny_checkpoint, dtype=torch.float32)
-    lora.add_lora(dit, LoraSpec(rank=4, alpha=8))
-    with torch.no_grad():  # a trained LoRA's B is not zero; a fresh one's would change nothing at any strength
+    lora.add_lora(dit, spec)
+    with torch.no_grad():
         for name, param in dit.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.5)
-    lora_dir = tmp_path / "lora"
-    lora_dir.mkdir()
-    for name, data in lora.export_files(lora.lora_state(dit), LoraSpec(rank=4, alpha=8)).items():
-        (lora_dir / name).write_bytes(data)
+    folder.mkdir()
+    for name, data in lora.export_files(lora.lora_state(dit), spec).items():
+        (folder / name).write_bytes(data)
+    return folder, spec
+
+
+def test_lora_strength_scales_the_lora_s_change(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    image = tmp_path / "start.png"
+    Image.new("RGB", (120, 70), (40, 200, 40)).save(image)
+    lora_dir, _ = trained_lora_dir(tiny_checkpoint, tmp_path / "lora")
     spec = ValidationSpec(resolution="64x112", frames=9, num_inference_steps=2)
     steps: list[tuple[int, int]] = []
 
@@ -189,6 +195,51 @@ def test_lora_strength_scales_the_lora_s_change(tiny_checkpoint: Path, tmp_path:
     assert steps == [(1, 2), (2, 2)]
     assert torch.equal(frames(lora=lora_dir, lora_strength=0.0), plain)
     assert not torch.equal(frames(lora=lora_dir, lora_strength=1.0), plain)
+
+
+def test_hooked_lora_equals_peft_s_layers(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The preview hooks an exported LoRA onto the loaded model instead of adding peft's layers: the same outputs
+    as the model trained with it, at strength 1 and scaled at another strength."""
+    lora_dir, spec = trained_lora_dir(tiny_checkpoint, tmp_path / "lora")
+    start, prompt, _, noise = inputs(3)
+    x = torch.cat([start, noise], dim=2)
+    args = (x, torch.tensor([500.0]), prompt[0], prompt[1])
+    base = load_dit(tiny_checkpoint, dtype=torch.float32).eval()
+    peft_model = load_dit(tiny_checkpoint, dtype=torch.float32).eval()
+    lora.add_lora(peft_model, spec)
+    state = lora.read_peft_weights((lora_dir / lora.PEFT_WEIGHTS).read_bytes())
+    with torch.no_grad():
+        plain = base(*args, num_cond_latents=1)
+        for strength in (1.0, 0.5):
+            lora.load_lora_state(peft_model, {k: v * strength if ".lora_B." in k else v for k, v in state.items()})
+            expected = peft_model(*args, num_cond_latents=1)
+            hooked = preview.trained_lora(lora_dir, strength, torch.device("cpu"), torch.float32)
+            with official_lora.active(base, hooked):
+                got = base(*args, num_cond_latents=1)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+            assert not torch.allclose(got, plain, atol=1e-4)
+        assert torch.equal(base(*args, num_cond_latents=1), plain)  # the hooks are gone with the block
+
+
+def test_a_loaded_model_serves_previews_one_after_another(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The UI's worker keeps one PreviewModel: a preview without a LoRA after one with it is the video of a
+    freshly loaded model (the LoRA left nothing behind), and the model was loaded once."""
+    image = tmp_path / "start.png"
+    Image.new("RGB", (120, 70), (40, 40, 200)).save(image)
+    lora_dir, _ = trained_lora_dir(tiny_checkpoint, tmp_path / "lora")
+    spec = ValidationSpec(resolution="64x112", frames=9, num_inference_steps=2)
+
+    def job(**lora_args: object) -> preview.Preview:
+        return preview.Preview(tiny_checkpoint, image, "start.png", "a blue car", spec, **lora_args)
+
+    model = preview.PreviewModel(tiny_checkpoint, torch.device("cpu"))
+    stack = model.stack
+    with_lora = model.generate(job(lora=lora_dir))
+    after = model.generate(job())
+    assert model.stack is stack
+    assert torch.equal(after, preview.generate(job(), torch.device("cpu")))
+    assert not torch.equal(with_lora, after)
+    assert torch.equal(model.generate(job(lora=lora_dir)), with_lora)
 
 
 def test_sample_command_names_the_bad_flag(tiny_checkpoint: Path, tmp_path: Path) -> None:

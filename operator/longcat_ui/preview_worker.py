@@ -35,22 +35,34 @@ def unavailable(model_source: str | None) -> str | None:
             "a GPU (in a cluster: the chart's ui.gpu: 1)")
 
 
-def generate_mp4(task: PreviewTask, on_step: Callable[[int, int], None]) -> bytes:
-    import torch  # noqa: PLC0415
+class Mp4Generator:
+    """The queue's `generate`: one preview's MP4. The model stays loaded between requests that name the same
+    source (loading the 13.6B model is the slow part of a preview); called from the queue's one worker only."""
 
-    from longcat_trainer import media  # noqa: PLC0415
-    from longcat_trainer.denoise import DEFAULT_FPS  # noqa: PLC0415
-    from longcat_trainer.model.sources import resolve_model_source  # noqa: PLC0415
-    from longcat_trainer.preview import Preview, generate  # noqa: PLC0415
+    def __init__(self) -> None:
+        self.source: str | None = None
+        self.model = None  # longcat_trainer.preview.PreviewModel of self.source
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with tempfile.TemporaryDirectory(prefix="longcat-preview-lora-") as folder:
-        lora = None
-        if task.lora_files:
-            lora = Path(folder)
-            for name, data in task.lora_files.items():
-                (lora / name).write_bytes(data)
-        preview = Preview(resolve_model_source(task.model_source), io.BytesIO(task.image), task.image_name,
-                          task.prompt, task.spec, lora=lora, lora_strength=task.lora_strength)
-        frames = generate(preview, device, on_step)
-    return media.mp4_bytes(frames, DEFAULT_FPS)
+    def __call__(self, task: PreviewTask, on_step: Callable[[int, int], None]) -> bytes:
+        import torch  # noqa: PLC0415
+
+        from longcat_trainer import media  # noqa: PLC0415
+        from longcat_trainer.denoise import DEFAULT_FPS  # noqa: PLC0415
+        from longcat_trainer.model.sources import resolve_model_source  # noqa: PLC0415
+        from longcat_trainer.preview import Preview, PreviewModel  # noqa: PLC0415
+
+        if task.model_source != self.source:
+            self.model = self.source = None  # the previous model goes before the next loads: one fits the card
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            self.model = PreviewModel(resolve_model_source(task.model_source), device)
+            self.source = task.model_source
+        with tempfile.TemporaryDirectory(prefix="longcat-preview-lora-") as folder:
+            lora = None
+            if task.lora_files:
+                lora = Path(folder)
+                for name, data in task.lora_files.items():
+                    (lora / name).write_bytes(data)
+            preview = Preview(self.model.model_root, io.BytesIO(task.image), task.image_name, task.prompt, task.spec,
+                              lora=lora, lora_strength=task.lora_strength)
+            frames = self.model.generate(preview, on_step)
+        return media.mp4_bytes(frames, DEFAULT_FPS)

@@ -11,7 +11,7 @@ import uvicorn
 
 from .app import Server
 from .locations import output_store
-from .preview_worker import generate_mp4, unavailable
+from .preview_worker import Mp4Generator, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         store = output_store(args.output) if args.output else None
     except ValueError as exc:
         raise SystemExit(f"longcat-i2v serve: {exc}") from None
-    server = Server(store, model=args.model, custom_objects=cluster_client(args.cluster), generate=generate_mp4,
+    server = Server(store, model=args.model, custom_objects=cluster_client(args.cluster), generate=Mp4Generator(),
                     unavailable=unavailable)
     log.info("serving %s on http://%s:%d/", args.output or "the cluster's jobs", args.host, args.port)
     uvicorn.run(server.app(), host=args.host, port=args.port, log_level="warning")

@@ -79,13 +79,15 @@ def moved(lora: OfficialLora, device: torch.device, dtype: torch.dtype) -> Offic
 
 
 @contextlib.contextmanager
-def active(model: nn.Module, lora: OfficialLora) -> Iterator[None]:
-    """`lora`'s deltas added to its modules' outputs inside the block; every hook removed after it."""
+def active(model: nn.Module, lora: OfficialLora, *, source: str = CFG_STEP_LORA,
+           fix: str = "use sampler standard or the matching checkpoint") -> Iterator[None]:
+    """`lora`'s deltas added to its modules' outputs inside the block; every hook removed after it. `source` and
+    `fix` name the file and the remedy when the LoRA adapts modules this DiT does not have."""
     modules = dict(model.named_modules())
     unknown = sorted(set(lora) - set(modules))
     if unknown:
-        raise InvalidConfigError(f"{CFG_STEP_LORA}: modules {unknown[:3]} are not in this DiT; the file belongs "
-                                 "to another model, use sampler standard or the matching checkpoint")
+        raise InvalidConfigError(f"{source}: modules {unknown[:3]} are not in this DiT; the file belongs to another "
+                                 f"model, {fix}")
     handles = []
     try:
         for name, factor in lora.items():

@@ -28,9 +28,10 @@ from .model import encode, recompute
 log = logging.getLogger(__name__)
 
 
-def load_lora_file(dit: torch.nn.Module, path: Path, strength: float = 1.0) -> None:
-    """Add and load a LoRA exported by training (pytorch_lora_weights.safetensors + adapter_config.json);
-    `strength` scales its change of every weight (lora_B carries the scale: B·A is linear in B)."""
+def trained_lora(path: Path, strength: float, device: torch.device, dtype: torch.dtype) -> official_lora.OfficialLora:
+    """A LoRA exported by training (pytorch_lora_weights.safetensors + adapter_config.json) as factors to hook on
+    while sampling; `strength` scales its change of every weight (B·A is linear in B). Hooks, not peft layers:
+    the loaded model is not changed, so the next preview starts from the base as it was loaded."""
     from peft import LoraConfig  # noqa: PLC0415 - only previews read adapter configs
 
     weights = path / lora.PEFT_WEIGHTS if path.is_dir() else path
@@ -40,10 +41,10 @@ def load_lora_file(dit: torch.nn.Module, path: Path, strength: float = 1.0) -> N
     if not config_file.is_file():
         raise FileNotFoundError(f"--lora {path}: {config_file} is missing; it is written next to {weights.name}")
     config = LoraConfig.from_pretrained(str(weights.parent))
-    targets = sorted({m.rsplit(".", 1)[-1] for m in config.target_modules})
-    lora.add_lora(dit, LoraSpec(rank=config.r, alpha=config.lora_alpha, dropout=0.0, targets=targets))
-    state = lora.read_peft_weights(weights.read_bytes())
-    lora.load_lora_state(dit, {k: v * strength if ".lora_B." in k else v for k, v in state.items()})
+    spec = LoraSpec(rank=config.r, alpha=config.lora_alpha, dropout=0.0,
+                    targets=sorted({m.rsplit(".", 1)[-1] for m in config.target_modules}))
+    state = lora.official_state(lora.read_peft_weights(weights.read_bytes()), spec)
+    return official_lora.moved(official_lora.parse(state, multiplier=strength), device, dtype)
 
 
 @dataclass(frozen=True)
@@ -57,32 +58,60 @@ class Preview:
     lora_strength: float = 1.0
 
 
-def generate(preview: Preview, device: torch.device, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """uint8 frames [F, H, W, 3]; `on_step(done, total)` after each denoising step. Raises BadSampleError for
-    a start frame that cannot be used."""
-    from .model.loading import load_stack  # noqa: PLC0415 - heavy imports only when sampling
+class PreviewModel:
+    """The checkpoint loaded once for many previews (the UI server's worker keeps one): each preview's LoRA, and
+    the cfg-step LoRA of the distilled sampler, are hooked on only while it samples."""
 
-    spec = preview.spec
-    height, width = (int(v) for v in spec.resolution.split("x"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    start = load_start_frame(preview.image, preview.image_name, height, width)
-    stack = load_stack(preview.model_root, dtype=dtype, device=device)
-    if preview.lora is not None:
-        load_lora_file(stack.dit, preview.lora, preview.lora_strength)
-    stack.dit.eval()
-    settings = settings_for(spec, stack.scheduler.config.shift)
-    with torch.no_grad():
-        prompt = encode.encode_prompts(stack.tokenizer, stack.text_encoder, [preview.prompt])
-        negative = (encode.encode_prompts(stack.tokenizer, stack.text_encoder, [spec.negative_prompt])
-                    if settings.guidance > 1 else None)
-        start_latents = encode.encode_video_latents(stack.vae, start.to(device)).float()
-        _, channels, _, h, w = start_latents.shape
-        noise = initial_noise((1, channels, latent_frames(spec.frames) - 1, h, w), spec.seed)
-        distillation = official_lora.load(preview.model_root, device, dtype) if settings.sampler == "distilled" else {}
-        if device.type == "cuda":  # as in training: one compiled graph serves every block (its first step compiles)
-            recompute.apply(stack.dit.blocks, [recompute.Recompute.NOTHING] * len(stack.dit.blocks), compile=True)
-        total = settings.steps
-        with official_lora.active(stack.dit, distillation):
-            latents = sample_latents(stack.dit, start_latents, prompt, negative, noise, settings,
-                                     on_step=report_first_step("sample", lambda done: on_step and on_step(done, total)))
-        return to_uint8_frames(encode.decode_latents(stack.vae, latents))
+    def __init__(self, model_root: Path, device: torch.device) -> None:
+        from .model.loading import load_stack  # noqa: PLC0415 - heavy imports only when sampling
+
+        self.model_root, self.device = model_root, device
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.stack = load_stack(model_root, dtype=self.dtype, device=device)
+        self.stack.dit.eval()
+        if device.type == "cuda":  # as in training: one compiled graph serves every block (a first step compiles)
+            recompute.apply(self.stack.dit.blocks, [recompute.Recompute.NOTHING] * len(self.stack.dit.blocks),
+                            compile=True)
+        self._distillation: official_lora.OfficialLora | None = None
+
+    def distillation(self) -> official_lora.OfficialLora:
+        if self._distillation is None:
+            self._distillation = official_lora.load(self.model_root, self.device, self.dtype)
+        return self._distillation
+
+    def generate(self, preview: Preview, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """uint8 frames [F, H, W, 3]; `on_step(done, total)` after each denoising step. Raises BadSampleError for
+        a start frame that cannot be used."""
+        if preview.model_root != self.model_root:
+            raise ValueError(f"this model is {self.model_root}, the preview asks for {preview.model_root}")
+        spec, stack = preview.spec, self.stack
+        height, width = (int(v) for v in spec.resolution.split("x"))
+        start = load_start_frame(preview.image, preview.image_name, height, width)
+        trained = ({} if preview.lora is None
+                   else trained_lora(preview.lora, preview.lora_strength, self.device, self.dtype))
+        settings = settings_for(spec, stack.scheduler.config.shift)
+        if self.device.type == "cuda":
+            # Other hooks than the last preview's: dynamo would recompile on its own, but stop doing so after a
+            # few; traced afresh, every preview runs compiled.
+            torch._dynamo.reset()
+        with torch.no_grad():
+            prompt = encode.encode_prompts(stack.tokenizer, stack.text_encoder, [preview.prompt])
+            negative = (encode.encode_prompts(stack.tokenizer, stack.text_encoder, [spec.negative_prompt])
+                        if settings.guidance > 1 else None)
+            start_latents = encode.encode_video_latents(stack.vae, start.to(self.device)).float()
+            _, channels, _, h, w = start_latents.shape
+            noise = initial_noise((1, channels, latent_frames(spec.frames) - 1, h, w), spec.seed)
+            distillation = self.distillation() if settings.sampler == "distilled" else {}
+            total = settings.steps
+            with (official_lora.active(stack.dit, trained, source=str(preview.lora),
+                                       fix="pick a LoRA trained on this checkpoint"),
+                  official_lora.active(stack.dit, distillation)):
+                latents = sample_latents(stack.dit, start_latents, prompt, negative, noise, settings,
+                                         on_step=report_first_step("sample",
+                                                                   lambda done: on_step and on_step(done, total)))
+            return to_uint8_frames(encode.decode_latents(stack.vae, latents))
+
+
+def generate(preview: Preview, device: torch.device, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """One preview with the checkpoint loaded for it alone (`longcat-i2v sample`)."""
+    return PreviewModel(preview.model_root, device).generate(preview, on_step)
