@@ -70,12 +70,14 @@ BACKWARD_WORKING_SET = 34
 CARD_FRACTION = 0.75
 
 
-def attention_blocks_that_fit(dit: nn.Module, tokens: int, device: torch.device) -> int:
+def attention_blocks_that_fit(dit: nn.Module, tokens: int, device: torch.device, *, streamed_bytes: int = 0) -> int:
     """How many blocks can keep their self-attention output for a micro-batch of `tokens` DiT tokens.
 
-    Memory model: what is allocated now (weights, adapters, quantized copies) + every block's saved input + one
-    block's backward working set + per block that keeps its attention, its output and float32 log-sum-exp
-    (~0.3 GiB each at 37k tokens). Off the GPU memory is not the limit: every block keeps it.
+    Memory model: what is allocated now (weights, adapters, quantized copies) + `streamed_bytes` (block weights
+    that come and go: with offload the blocks' weights are not allocated now, but the running block's and the
+    next one's are at the peak) + every block's saved input + one block's backward working set + per block that
+    keeps its attention, its output and float32 log-sum-exp (~0.3 GiB each at 37k tokens). Off the GPU memory is
+    not the limit: every block keeps it.
     """
     depth = len(dit.blocks)
     if device.type != "cuda":
@@ -83,7 +85,7 @@ def attention_blocks_that_fit(dit: nn.Module, tokens: int, device: torch.device)
     config = dit.config
     width = config.hidden_size * dit.x_embedder.proj.weight.element_size()
     budget = CARD_FRACTION * torch.cuda.mem_get_info(device)[1]
-    needed = torch.cuda.memory_allocated(device) + tokens * width * (depth + BACKWARD_WORKING_SET)
+    needed = torch.cuda.memory_allocated(device) + streamed_bytes + tokens * width * (depth + BACKWARD_WORKING_SET)
     per_block = tokens * (width + 4 * config.num_heads)
     return int(max(0, min(depth, (budget - needed) // per_block)))
 
