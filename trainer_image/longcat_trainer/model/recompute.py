@@ -84,7 +84,9 @@ def attention_blocks_that_fit(dit: nn.Module, tokens: int, device: torch.device,
         return depth
     config = dit.config
     width = config.hidden_size * dit.x_embedder.proj.weight.element_size()
-    budget = CARD_FRACTION * torch.cuda.mem_get_info(device)[1]
+    # A process capped by set_per_process_memory_fraction plans for its cap (bench --card-gib: a smaller card).
+    card = torch.cuda.mem_get_info(device)[1] * torch.cuda.get_per_process_memory_fraction(device)
+    budget = CARD_FRACTION * card
     needed = torch.cuda.memory_allocated(device) + streamed_bytes + tokens * width * (depth + BACKWARD_WORKING_SET)
     per_block = tokens * (width + 4 * config.num_heads)
     return int(max(0, min(depth, (budget - needed) // per_block)))
