@@ -15,6 +15,9 @@ from longcat_trainer.model.tiny import TINY_DIT_CONFIG
 
 DEPTH = 4  # a first block, a last one and two between: every prefetch case
 CPU = torch.device("cpu")
+# On CUDA the same test checks the side stream's synchronisation: a use before its copy reads other bytes.
+DEVICES = [CPU, pytest.param(torch.device("cuda"), marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                             reason="no CUDA device"))]
 
 
 def tiny_lora_model() -> LongCatVideoTransformer3DModel:
@@ -28,26 +31,28 @@ def tiny_lora_model() -> LongCatVideoTransformer3DModel:
     return model
 
 
-def inputs(seed: int = 1) -> dict[str, torch.Tensor]:
+def inputs(seed: int = 1, device: torch.device = CPU) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {
+    return {name: tensor.to(device) for name, tensor in {
         "hidden_states": torch.randn(2, 16, 3, 4, 6, generator=g),
         "timestep": torch.rand(2, 3, generator=g) * 1000,
         "encoder_hidden_states": torch.randn(2, 1, 6, TINY_DIT_CONFIG["caption_channels"], generator=g),
         "encoder_attention_mask": torch.ones(2, 6, dtype=torch.int64),
-    }
+    }.items()}
 
 
 def frozen_block_params(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p for p in model.blocks.parameters() if not p.requires_grad]
 
 
-def loss_and_lora_grads(plan: BlockPlan, streamed: bool, steps: int = 2) -> tuple[list[float], dict, list]:
+def loss_and_lora_grads(plan: BlockPlan, streamed: bool, device: torch.device, steps: int = 2
+                        ) -> tuple[list[float], dict, list]:
     """Two forward/backward passes (the second one finds the first one's leftovers, if any); what was on the
     device after each block's forward, and after each backward."""
     torch._dynamo.reset()
     model = tiny_lora_model()
-    blocks = offload.stream_blocks(model, CPU) if streamed else None
+    blocks = offload.stream_blocks(model, device) if streamed else None
+    model.to(device)  # with offload: only what is not streamed, the rest is there already (empty)
     plan.apply(model, blocks)
     seen = []
     if blocks is not None:
@@ -57,12 +62,12 @@ def loss_and_lora_grads(plan: BlockPlan, streamed: bool, steps: int = 2) -> tupl
     losses = []
     for step in range(steps):
         model.zero_grad(set_to_none=True)
-        loss = model(**inputs(seed=step), num_cond_latents=1).square().mean()
+        loss = model(**inputs(seed=step, device=device), num_cond_latents=1).square().mean()
         loss.backward()
         losses.append(loss.item())
         if blocks is not None:
             seen.append(("after backward", [blocks.resident(i) for i in range(DEPTH)]))
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    grads = {n: p.grad.cpu() for n, p in model.named_parameters() if p.requires_grad}
     return losses, grads, seen
 
 
@@ -74,11 +79,12 @@ PLANS = {
 }
 
 
+@pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("name", PLANS)
-def test_streamed_blocks_give_the_resident_models_loss_and_lora_gradients(name):
+def test_streamed_blocks_give_the_resident_models_loss_and_lora_gradients(name, device):
     plan = PLANS[name]
-    resident_losses, resident_grads, _ = loss_and_lora_grads(plan, streamed=False)
-    losses, grads, seen = loss_and_lora_grads(plan, streamed=True)
+    resident_losses, resident_grads, _ = loss_and_lora_grads(plan, streamed=False, device=device)
+    losses, grads, seen = loss_and_lora_grads(plan, streamed=True, device=device)
     assert losses == pytest.approx(resident_losses, rel=1e-6)
     assert grads.keys() == resident_grads.keys() and any("blocks.0." in n for n in grads)
     for n in grads:
