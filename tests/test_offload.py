@@ -3,15 +3,21 @@ the loss and LoRA gradients are those of the model that keeps them, under every 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from longcat_job.api import LoraSpec
-from longcat_trainer import lora
+from longcat_job.parse import parse_job
+from longcat_job.storage import LocalStore
+from longcat_trainer import lora, train
+from longcat_trainer.data.synthetic import write_shapes_dataset
 from longcat_trainer.model import offload, recompute
 from longcat_trainer.model.dit import LongCatVideoTransformer3DModel
 from longcat_trainer.model.prepare import BlockPlan
 from longcat_trainer.model.tiny import TINY_DIT_CONFIG
+from tests.fixtures.training import job_document, location, with_vae_cache
 
 DEPTH = 4  # a first block, a last one and two between: every prefetch case
 CPU = torch.device("cpu")
@@ -113,3 +119,32 @@ def test_emptied_weights_hold_no_bytes_and_come_back_unchanged():
     for n, value in before.items():
         if n.startswith("1."):
             torch.testing.assert_close(params[n], value, rtol=0, atol=0, msg=n)
+
+
+@pytest.mark.slow
+def test_a_job_with_offloaded_blocks_trains_the_lora_of_one_without(tiny_checkpoint: Path, tmp_path: Path,
+                                                                    trainer_env: None) -> None:
+    """train.py's path: the DiT loaded on the CPU, prepared with its blocks streamed, two optimizer steps."""
+    write_shapes_dataset(LocalStore(tmp_path / "data"), count=2, frames=9, height=64, width=112)
+
+    def trained(offloaded: str) -> tuple[dict[str, torch.Tensor], list[int]]:
+        out = tmp_path / offloaded
+        document = job_document(tiny_checkpoint, location(tmp_path / "data" / "clips"),
+                                location(tmp_path / "data" / "start_frames"), location(out),
+                                training={"offload": offloaded, "maxSteps": 2})
+        document = with_vae_cache(document, location(out / "cache" / "clips"), location(out / "cache" / "frames"))
+        held: list[int] = []
+
+        def after_step(info: train.StepInfo) -> None:
+            held.append(sum(p.untyped_storage().nbytes() for p in frozen_block_params(info.model)))
+
+        train.run(parse_job(document), train.Hooks(after_step=after_step))
+        return lora.read_peft_weights((out / "lora" / lora.PEFT_WEIGHTS).read_bytes()), held
+
+    resident, resident_held = trained("none")
+    streamed, streamed_held = trained("blocks")
+    assert resident_held[0] > 0 and streamed_held == [0, 0]
+    assert resident.keys() == streamed.keys()
+    for name in resident:
+        torch.testing.assert_close(streamed[name], resident[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert any(v.abs().sum() > 0 for k, v in streamed.items() if "lora_B" in k)  # the adapters moved
