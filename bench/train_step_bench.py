@@ -24,7 +24,12 @@ the recomputation of checkpointed blocks.
 
     python bench/train_step_bench.py [--shapes 93,61,33] [--steps 5] [--variants cudnn+compile,cudnn+compile+sac]
     python bench/train_step_bench.py --shapes 33 --grad-check --variants flash,cudnn+compile,cudnn+compile+sac
+    python bench/train_step_bench.py --shapes 93 --card-gib 48 \
+        --variants cudnn+compile+sac,cudnn+compile+offload,cudnn+compile+sac+offload
     python bench/train_step_bench.py --tiny   # the same code path on the CPU at tiny size (for tests)
+
+'offload' streams the block weights from host memory (training.offload: blocks); with --card-gib N the offload
+variants run capped at N GiB and plan selective checkpointing for that card, so a step that finishes fits it.
 
 --grad-check prints, instead of times, how far each configuration's LoRA gradient (one fixed batch, adapters
 at a trained-like state) is from the baseline's; a different attention kernel ('flash') gives the size of
@@ -49,7 +54,7 @@ sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "trainer_image")]
 
 from longcat_job.api import LoraSpec  # noqa: E402
 from longcat_trainer import flow, lora  # noqa: E402
-from longcat_trainer.model import quantize, recompute  # noqa: E402
+from longcat_trainer.model import offload, quantize, recompute  # noqa: E402
 from longcat_trainer.model.dit import LongCatVideoTransformer3DModel  # noqa: E402
 from longcat_trainer.model.prepare import BlockPlan  # noqa: E402
 
@@ -123,11 +128,17 @@ class Config:
     kept_attention: str = "0"  # blocks keeping their self-attention output: a number or "plan" (by memory)
     quantization: str | None = None
     fp32_adapters: bool = False  # peft's own adapter math (float32 copies of the activations)
+    offload: bool = False  # block weights in host memory, streamed in (spec.training.offload: blocks)
+
+    @property
+    def irreversible(self) -> bool:
+        """Quantized or offloaded: the model stays so for the configurations after it."""
+        return self.quantization is not None or self.offload
 
     @classmethod
     def parse(cls, variant: str) -> Config:
         options = variant.split("+")
-        known = {"default", "cudnn", "flash", "efficient", "compile", "sac", "fp32lora", *QUANTIZATION}
+        known = {"default", "cudnn", "flash", "efficient", "compile", "sac", "fp32lora", "offload", *QUANTIZATION}
         unknown = [o for o in options if o not in known and not (o.startswith("sac") and o[3:].isdigit())]
         if unknown:
             raise SystemExit(f"--variants: {variant!r} has unknown options {unknown}")
@@ -139,29 +150,34 @@ class Config:
             kept_attention="0" if sac is None else (sac[3:] or "plan"),
             quantization=next((QUANTIZATION[o] for o in options if o in QUANTIZATION), None),
             fp32_adapters="fp32lora" in options,
+            offload="offload" in options,
         )
 
 
-def kept_blocks(model, config: Config, tokens: int, device) -> recompute.Kept:
+def kept_blocks(model, config: Config, tokens: int, device,
+                streamed: offload.StreamedBlocks | None) -> recompute.Kept:
     """'sacN': N blocks keep their self-attention output, none their matmuls'; 'sac': the trainer's plan (as much
-    as fits in 3/4 of the card, recompute.py)."""
+    as fits in 3/4 of the card, recompute.py; with offload counting only the streamed blocks' weights, as
+    model/prepare.py does)."""
     if config.kept_attention != "plan":
         return recompute.Kept(attention=int(config.kept_attention))
-    return recompute.blocks_that_fit(model, tokens, device)
+    window = streamed.window_bytes if config.offload else 0
+    return recompute.blocks_that_fit(model, tokens, device, streamed_bytes=window)
 
 
 def traced_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-def apply_plan(model, config: Config, kept: recompute.Kept) -> int:
+def apply_plan(model, config: Config, kept: recompute.Kept, streamed: offload.StreamedBlocks | None) -> int:
     """The trainer's block plan (checkpointing always on, as in training) and adapter math for this
     configuration, traced afresh: dynamo guards neither on the SDPA kernel nor on a checkpointing policy, so a
     graph compiled for an earlier configuration would otherwise be reused (check_traced_fresh tells). Returns
     the count of graphs traced so far."""
     torch._dynamo.reset()
     lora.set_adapter_math(model, in_input_dtype=not config.fp32_adapters)
-    BlockPlan(checkpointing=True, kept=kept, compile=config.compiled).apply(model)
+    BlockPlan(checkpointing=True, kept=kept, compile=config.compiled).apply(
+        model, streamed if config.offload else None)
     return traced_graphs()
 
 
@@ -190,7 +206,8 @@ def trained_like(initial_lora: dict, g: torch.Generator) -> dict:
     return {k: v if "lora_A" in k else 1e-3 * torch.randn(v.shape, generator=g) for k, v in initial_lora.items()}
 
 
-def run_config(model, shape: Shape, args, config: Config, initial_lora: dict, device) -> dict:
+def run_config(model, shape: Shape, args, config: Config, initial_lora: dict, device,
+               streamed: offload.StreamedBlocks | None) -> dict:
     """Times the step; with --overfit, trains one fixed batch at one sigma from trained-like adapters instead
     (a loss curve that tells the numerics of two configurations apart)."""
     dtype = model.x_embedder.proj.weight.dtype
@@ -208,8 +225,8 @@ def run_config(model, shape: Shape, args, config: Config, initial_lora: dict, de
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    kept = kept_blocks(model, config, t * (h // 2) * (w // 2), device)
-    graphs = apply_plan(model, config, kept)
+    kept = kept_blocks(model, config, t * (h // 2) * (w // 2), device, streamed)
+    graphs = apply_plan(model, config, kept, streamed)
     times, losses = [], []
     with attention_context(config.attention):
         for step in range(args.warmup + args.steps):
@@ -238,7 +255,7 @@ def run_config(model, shape: Shape, args, config: Config, initial_lora: dict, de
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return {"shape": f"{shape.height}x{shape.width}x{shape.frames}", "attention": config.attention,
             "compiled": config.compiled, "attention_kept_blocks": kept.attention,
-            "matmul_kept_blocks": kept.matmuls,
+            "matmul_kept_blocks": kept.matmuls, "offload": config.offload,
             "quantization": config.quantization, "median_step_s": round(seconds, 3),
             "peak_gib": round(peak, 1), "forward_tflop": round(fwd / 1e12, 1),
             "mfu_pct": round(100 * 3 * fwd / seconds / PEAK_FLOPS, 1), "losses": losses, "flops_formula": formula}
@@ -255,7 +272,8 @@ def profile_step(step, config: Config) -> None:
                                                                      max_name_column_width=90), flush=True)
 
 
-def lora_gradient(model, shape: Shape, args, config: Config, initial_lora: dict, device) -> torch.Tensor:
+def lora_gradient(model, shape: Shape, args, config: Config, initial_lora: dict, device,
+                  streamed: offload.StreamedBlocks | None) -> torch.Tensor:
     """The LoRA gradient of one fixed batch at a trained-like adapter state (B != 0), all adapters flattened.
 
     Comparing it between configurations tells whether an optimization changes the gradient by more than a
@@ -266,8 +284,8 @@ def lora_gradient(model, shape: Shape, args, config: Config, initial_lora: dict,
     t, h, w = shape.latent()
     clip, text, mask = random_batch(model, shape, args, g, device)
     sigma, noise = torch.tensor([0.6], device=device), torch.randn(clip.shape, generator=g).to(device)
-    kept = kept_blocks(model, config, t * (h // 2) * (w // 2), device)
-    graphs = apply_plan(model, config, kept)
+    kept = kept_blocks(model, config, t * (h // 2) * (w // 2), device, streamed)
+    graphs = apply_plan(model, config, kept, streamed)
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     with attention_context(config.attention):
         for _ in range(2):  # the first call compiles
@@ -294,8 +312,9 @@ def main() -> None:
                         "keep their self-attention output, then their widening matmuls' outputs, as many as fit in 3/4 "
                         "of the card; 'sacN': N blocks keep their self-attention output only), 'fp32lora' "
                         "(peft's float32 adapter math instead of the trainer's), 'fp8' or "
-                        "'int8' (base weights quantized as spec.training.baseQuantization does; irreversible, so "
-                        "quantized variants come last, and all of them with one format)")
+                        "'int8' (base weights quantized as spec.training.baseQuantization does), 'offload' (block "
+                        "weights in host memory, streamed in as spec.training.offload: blocks does); quantization "
+                        "and offload are irreversible, so those variants come last, all with one of them")
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print a CUDA kernel profile of each variant")
     parser.add_argument("--grad-check", action="store_true",
@@ -303,6 +322,9 @@ def main() -> None:
     parser.add_argument("--overfit", action="store_true",
                         help="train one fixed batch at one sigma from trained-like adapters (--steps 30 --warmup 0): "
                         "a loss curve per configuration, its largest gap to the first one's printed")
+    parser.add_argument("--card-gib", type=float, default=None,
+                        help="offload variants run as on a card of this many GiB: the process is capped there "
+                        "(an allocation beyond it fails) and 'sac' plans for it")
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU, to test this script")
     args = parser.parse_args()
 
@@ -319,24 +341,33 @@ def main() -> None:
     configs = [Config.parse(v) for v in args.variants.split(",")]
     if not args.no_baseline:
         configs.insert(0, Config("baseline", fp32_adapters=True))
-    order = [c.quantization is not None for c in configs]
-    if order != sorted(order) or len({c.quantization for c in configs} - {None}) > 1:
-        raise SystemExit("--variants: quantized variants come last, all with one format")
+    order = [c.irreversible for c in configs]
+    if order != sorted(order) or len({(c.quantization, c.offload) for c in configs if c.irreversible}) > 1:
+        raise SystemExit("--variants: quantized variants come last (offloaded ones too), all with one format or all "
+                         "offloaded")
+    if any(c.quantization and c.offload for c in configs):
+        raise SystemExit("--variants: offload streams bf16 weights, as training.offload does: not with fp8 or int8")
     baseline_losses: dict[str, list[float]] = {}
     baseline_grads: dict[Shape, torch.Tensor] = {}
+    streamed = None
     for config in configs:
         if config.quantization and not hasattr(model.blocks[0].ffn.w1, "weight_q"):
             quantize.quantize_base(model, config.quantization)
+        if config.offload and streamed is None:
+            streamed = offload.stream_blocks(model, device)
+            if args.card_gib and device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.set_per_process_memory_fraction(args.card_gib * 2**30 / torch.cuda.mem_get_info()[1])
         for shape in shapes:
             if args.grad_check:
-                grad = lora_gradient(model, shape, args, config, initial_lora, device)
+                grad = lora_gradient(model, shape, args, config, initial_lora, device, streamed)
                 reference = baseline_grads.setdefault(shape, grad)
                 print(json.dumps({"config": config.name, "shape": f"{shape.height}x{shape.width}x{shape.frames}",
                                   "grad_norm": grad.norm().item(),
                                   "grad_gap_to_baseline": ((grad - reference).norm() / reference.norm()).item()}),
                       flush=True)
                 continue
-            result = run_config(model, shape, args, config, initial_lora, device)
+            result = run_config(model, shape, args, config, initial_lora, device, streamed)
             if config.name == "baseline":
                 baseline_losses[result["shape"]] = result["losses"]
             elif result["shape"] in baseline_losses:

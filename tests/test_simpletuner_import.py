@@ -112,6 +112,17 @@ def test_dropout_init_lora_ema_and_length_buckets_map_to_their_fields():
     assert [n for n in result.notes if "frameBuckets [33, 61, 93]" not in n] == []
 
 
+def test_group_offload_maps_to_block_offload_and_its_grouping_is_named():
+    config = {**CONFIG, "enable_group_offload": True, "group_offload_use_stream": True,
+              "group_offload_type": "leaf_level"}
+    result = import_simpletuner(config, BACKENDS + VAL_SPLIT, name="seed", output="s3://my-loras/seed/")
+    assert parse_job(result.job).spec.training.offload == "blocks"
+    assert result.notes == ["config.json: setting 'group_offload_type' has no equivalent, left out"]
+    off = import_simpletuner({**CONFIG, "enable_group_offload": False}, BACKENDS + VAL_SPLIT, name="seed",
+                             output="s3://my-loras/seed/")
+    assert parse_job(off.job).spec.training.offload == "none" and off.notes == []
+
+
 def test_what_does_not_map_is_named():
     config = {**CONFIG, "init_lora": "/loras/mine.safetensors", "use_ema": False, "ema_decay": 0.9}
     backends = json.loads(json.dumps(BACKENDS + VAL_SPLIT))

@@ -41,3 +41,18 @@ def test_gradient_check_compares_lora_gradients_with_the_baseline(monkeypatch, c
 def test_quantized_variants_must_come_last(monkeypatch, capsys) -> None:
     with pytest.raises(SystemExit, match="quantized variants come last"):
         run_bench(monkeypatch, capsys, "--variants", "default+int8,default")
+
+
+def test_offloaded_blocks_repeat_the_baseline_loss_curve(monkeypatch, capsys) -> None:
+    results = run_bench(monkeypatch, capsys, "--steps", "3", "--warmup", "0",
+                        "--variants", "default+sac1,default+offload,default+sac1+offload")
+    assert [r["offload"] for r in results.values()] == [False, False, True, True]
+    assert results["default+sac1+offload"]["attention_kept_blocks"] == 1
+    assert all(results[name]["max_loss_gap_to_baseline"] == 0.0 for name in list(results)[1:])  # exact: eager
+
+
+def test_offload_comes_last_and_not_with_quantization(monkeypatch, capsys) -> None:
+    with pytest.raises(SystemExit, match="come last"):
+        run_bench(monkeypatch, capsys, "--variants", "default+offload,default")
+    with pytest.raises(SystemExit, match="not with fp8 or int8"):
+        run_bench(monkeypatch, capsys, "--variants", "default+offload+int8")

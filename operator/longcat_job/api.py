@@ -308,6 +308,14 @@ class TrainingSpec(ApiModel):
     parallelism: Literal["ddp", "fsdp"] = Field(
         "ddp", description="ddp replicates the frozen base on every GPU; fsdp shards it (for small GPUs)."
     )
+    offload: Literal["none", "blocks"] = Field(
+        "none",
+        description="SimpleTuner enable_group_offload. `blocks`: the frozen base's block weights stay in pinned "
+        "host memory and each block's are copied to the GPU on a side stream while the one before it computes "
+        "(forward, and in reverse for backward): the GPU holds two blocks' weights (about 1.1 GiB) instead of "
+        "27 GB, for GPUs of 48 or 24 GB; the node needs about 30 GB of host memory per GPU for them. "
+        "Not with parallelism fsdp or baseQuantization.",
+    )
     context_parallel: Annotated[int, ContextParallelRule] = Field(
         1, ge=1, le=16,
         description="GPUs that share one sample (Ulysses context parallelism: its tokens split over them, attention "
@@ -324,6 +332,24 @@ class TrainingSpec(ApiModel):
         None,
         description="An EMA of the adapter weights: saved in checkpoints, exported to lora/ema/ beside the LoRA, and "
         "used for the validation videos. Empty: no EMA.",
+    )
+
+    object_rules = (
+        ObjectRule(
+            cel="!has(self.offload) || self.offload == 'none' || !has(self.parallelism) || self.parallelism != 'fsdp'",
+            field_path=".offload",
+            message="offload: blocks streams every GPU's whole copy of the block weights from host memory, "
+            "parallelism: fsdp shards them over the GPUs instead: choose one (remove offload, or set parallelism: "
+            "ddp)",
+            violations=lambda t: ["offload"] if t.offload != "none" and t.parallelism == "fsdp" else [],
+        ),
+        ObjectRule(
+            cel="!has(self.offload) || self.offload == 'none' || !has(self.baseQuantization)",
+            field_path=".offload",
+            message="offload: blocks streams the bf16 block weights and cannot be combined with baseQuantization "
+            "(its 8-bit weights are made on the GPU): remove one of them",
+            violations=lambda t: ["offload"] if t.offload != "none" and t.base_quantization is not None else [],
+        ),
     )
 
 

@@ -2,8 +2,8 @@
 
 Each SimpleTuner setting maps to the spec field whose description names it. What has no place in the job is
 reported, never silently dropped; inline credentials are never copied (they belong in a Secret). Caption
-dropout, init_lora, the EMA settings and length bucketing (video.bucket_strategy resolution_frames) map to
-captionDropout, lora.initFrom, training.ema and frameBuckets.
+dropout, init_lora, the EMA settings, group offloading and length bucketing (video.bucket_strategy
+resolution_frames) map to captionDropout, lora.initFrom, training.ema, training.offload and frameBuckets.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ CONFIG_FIELDS: dict[str, tuple[str, ...]] = {
 # Settings that only say where SimpleTuner finds things this job carries itself, or that `_features` maps.
 ABSORBED = {"data_backend_config", "output_dir", "pretrained_model_name_or_path"}
 FEATURE_KEYS = {"caption_dropout_probability", "init_lora", "use_ema", "ema_decay", "ema_update_interval",
-                "ema_device", "ema_cpu_only"}
+                "ema_device", "ema_cpu_only", "enable_group_offload", "group_offload_use_stream"}
 MAX_FRAME_BUCKETS = 16  # api.DatasetSpec.frame_buckets' limit
 # SimpleTuner writes "no quantization" and "no lora_alpha" in these ways.
 NO_QUANTIZATION = {None, "no_change", "none"}
@@ -177,6 +177,9 @@ def _features(config: dict[str, Any], spec: dict[str, Any], notes: list[str]) ->
         if config.get("ema_cpu_only") or config.get("ema_device") == "cpu":
             ema["device"] = "cpu"
         spec.setdefault("training", {})["ema"] = ema
+    if config.get("enable_group_offload"):
+        # Ours always streams block by block on a side stream: group_offload_use_stream has nothing to choose.
+        spec.setdefault("training", {})["offload"] = "blocks"
 
 
 def import_simpletuner(

@@ -145,7 +145,9 @@ def _train(job: LongCatI2VJob, hooks: Hooks, world: World, output: ObjectStore, 
     if hooks.validate is not None:
         reporter.doc.artifacts.report = uri(output, output_layout.INDEX_HTML)
 
-    dit = load_dit(model_root, dtype=dtype, device=world.device)
+    # With offload the blocks' weights live in host memory (model/offload.py): a card smaller than the model
+    # never holds all of them, so the model loads on the CPU and only what stays on the card moves there.
+    dit = load_dit(model_root, dtype=dtype, device="cpu" if train_spec.offload == "blocks" else world.device)
     state = checkpoint.load_latest(output)
     if state is not None:
         start = state["lora"]

@@ -113,15 +113,17 @@ BACKWARD_WORKING_SET = 34
 CARD_FRACTION = 0.75
 
 
-def blocks_that_fit(dit: nn.Module, tokens: int, device: torch.device) -> Kept:
+def blocks_that_fit(dit: nn.Module, tokens: int, device: torch.device, *, streamed_bytes: int = 0) -> Kept:
     """How many blocks can keep their self-attention output, and then also their widening matmuls' outputs, for a
     micro-batch of `tokens` DiT tokens. Attention comes first: ~23 TFLOP of recomputation saved per 0.3 GiB at
     37k tokens, against ~10 TFLOP per 2.4 GiB for the matmuls, which only cards above 80 GB have room for.
 
-    Memory model: what is allocated now (weights, adapters, quantized copies) + every block's saved input + one
-    block's backward working set + per block that keeps its attention, its output and float32 log-sum-exp, + per
-    block that keeps its matmuls, the qkv, w1 and w3 outputs. Off the GPU (tests, the demo) memory is not the
-    limit: every block keeps its attention output, and the matmul outputs are recomputed as before.
+    Memory model: what is allocated now (weights, adapters, quantized copies) + `streamed_bytes` (block weights
+    that come and go: with offload the blocks' weights are not allocated now, but the running block's and the
+    next one's are at the peak) + every block's saved input + one block's backward working set + per block that
+    keeps its attention, its output and float32 log-sum-exp, + per block that keeps its matmuls, the qkv, w1 and
+    w3 outputs. Off the GPU (tests, the demo) memory is not the limit: every block keeps its attention output, and
+    the matmul outputs are recomputed as before.
     """
     depth = len(dit.blocks)
     if device.type != "cuda":
@@ -129,8 +131,11 @@ def blocks_that_fit(dit: nn.Module, tokens: int, device: torch.device) -> Kept:
     config = dit.config
     element = dit.x_embedder.proj.weight.element_size()
     width = config.hidden_size * element
-    budget = CARD_FRACTION * torch.cuda.mem_get_info(device)[1]
-    room = budget - torch.cuda.memory_allocated(device) - tokens * width * (depth + BACKWARD_WORKING_SET)
+    # A process capped by set_per_process_memory_fraction plans for its cap (bench --card-gib: a smaller card).
+    card = torch.cuda.mem_get_info(device)[1] * torch.cuda.get_per_process_memory_fraction(device)
+    budget = CARD_FRACTION * card
+    room = (budget - torch.cuda.memory_allocated(device) - streamed_bytes
+            - tokens * width * (depth + BACKWARD_WORKING_SET))
     per_attention = tokens * (width + 4 * config.num_heads)
     attention = int(max(0, min(depth, room // per_attention)))
     per_matmuls = tokens * (3 * config.hidden_size + 2 * dit.blocks[0].ffn.w1.out_features) * element
