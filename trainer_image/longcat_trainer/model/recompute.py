@@ -132,7 +132,8 @@ def blocks_that_fit(dit: nn.Module, tokens: int, device: torch.device, *, stream
     element = dit.x_embedder.proj.weight.element_size()
     width = config.hidden_size * element
     # A process capped by set_per_process_memory_fraction plans for its cap (bench --card-gib: a smaller card).
-    card = torch.cuda.mem_get_info(device)[1] * torch.cuda.get_per_process_memory_fraction(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    card = torch.cuda.mem_get_info(index)[1] * torch.cuda.get_per_process_memory_fraction(index)
     budget = CARD_FRACTION * card
     room = (budget - torch.cuda.memory_allocated(device) - streamed_bytes
             - tokens * width * (depth + BACKWARD_WORKING_SET))
