@@ -82,7 +82,12 @@ def moved(lora: OfficialLora, device: torch.device, dtype: torch.dtype) -> Offic
 def active(model: nn.Module, lora: OfficialLora, *, source: str = CFG_STEP_LORA,
            fix: str = "use sampler standard or the matching checkpoint") -> Iterator[None]:
     """`lora`'s deltas added to its modules' outputs inside the block; every hook removed after it. `source` and
-    `fix` name the file and the remedy when the LoRA adapts modules this DiT does not have."""
+    `fix` name the file and the remedy when the LoRA adapts modules this DiT does not have.
+
+    Compiled blocks: dynamo does not guard on module hooks (`skip_nnmodule_hook_guards`), so a graph traced
+    without these hooks keeps running without them, and one traced with them keeps them. Every no-grad DiT call
+    of a sampler therefore runs inside this block (its first step traces the no-grad graph), and a process that
+    samples with different LoRAs resets dynamo first (preview.PreviewModel)."""
     modules = dict(model.named_modules())
     unknown = sorted(set(lora) - set(modules))
     if unknown:
