@@ -142,8 +142,9 @@ class Server:
         preview_id = request.path_params["preview_id"]
         status = self.queue.statuses.get(preview_id)
         if status is None:
-            return JSONResponse({"state": "failed", "error": f"no preview {preview_id} (the server restarted?)"},
-                                status_code=404)
+            error = (f"no preview {preview_id}: the server restarted, or it is one of the older previews it no "
+                     f"longer keeps (the last {self.queue.keep_finished})")
+            return JSONResponse({"state": "failed", "error": error}, status_code=404)
         eta = status.eta()
         return JSONResponse({"state": status.state, "place": self.queue.place(preview_id), "done": status.done,
                              "total": status.total, "eta": eta, "error": status.error, "seconds": status.seconds,

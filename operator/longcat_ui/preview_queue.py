@@ -47,13 +47,17 @@ class Status:
 
 
 Generate = Callable[[PreviewTask, Callable[[int, int], None]], bytes]
+# Finished previews kept (their status and MP4); older ones are forgotten, so a long-running server's memory and
+# temp folder stay bounded. A page polling a forgotten one is told so.
+KEEP_FINISHED = 50
 
 
 class PreviewQueue:
-    def __init__(self, generate: Generate, folder: Path) -> None:
-        self.generate, self.folder = generate, folder
+    def __init__(self, generate: Generate, folder: Path, keep_finished: int = KEEP_FINISHED) -> None:
+        self.generate, self.folder, self.keep_finished = generate, folder, keep_finished
         self.statuses: dict[str, Status] = {}
         self.waiting: list[str] = []
+        self.finished: list[str] = []  # oldest first
         self._lock = threading.Lock()
         self._queue: queue.Queue[tuple[str, PreviewTask]] = queue.Queue()
         self._ids = itertools.count(1)
@@ -90,7 +94,22 @@ class PreviewQueue:
                 video = self.generate(task, on_step)
             except Exception as exc:  # shown on the page; the worker takes the next request
                 log.exception("preview %s failed", preview_id)
-                status.error, status.state = f"{type(exc).__name__}: {exc}", "failed"
-                continue
-            (self.folder / f"{preview_id}.mp4").write_bytes(video)
-            status.seconds, status.state = time.monotonic() - status.started, "done"
+                self._finish(preview_id, error=f"{type(exc).__name__}: {exc}")
+            else:
+                self.video(preview_id).write_bytes(video)
+                self._finish(preview_id)
+
+    def video(self, preview_id: str) -> Path:
+        return self.folder / f"{preview_id}.mp4"
+
+    def _finish(self, preview_id: str, error: str | None = None) -> None:
+        """Done or failed, and the oldest finished ones beyond keep_finished forgotten, in one step for pollers."""
+        with self._lock:
+            status = self.statuses[preview_id]
+            status.seconds = time.monotonic() - status.started
+            status.error, status.state = error, "done" if error is None else "failed"
+            self.finished.append(preview_id)
+            while len(self.finished) > self.keep_finished:
+                oldest = self.finished.pop(0)
+                self.statuses.pop(oldest, None)
+                self.video(oldest).unlink(missing_ok=True)
