@@ -120,6 +120,8 @@ def test_the_job_page_charts_the_loss_and_every_video_loads(
     assert points == [len(history.step)] * 3 == [10] * 3
     assert browser.execute_script("return document.getElementById('loss-chart').data[2].y") == history.lr
 
+    # which weights the videos show, from the job.json the trainer wrote (the demo trains without EMA)
+    assert browser.find_element(By.ID, "weights").text == "The videos show the trained adapter weights (no EMA)."
     videos = browser.find_elements(By.CSS_SELECTOR, "video.sync")
     assert len(videos) == 2  # the source clip and the video of the one validation step
     wait(browser, "return Array.from(document.querySelectorAll('video.sync')).every(v => v.readyState >= 1)",

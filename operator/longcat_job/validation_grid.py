@@ -10,6 +10,8 @@ from __future__ import annotations
 import html
 from collections.abc import Callable
 
+from .api import EmaSpec
+
 # Plain inline script: rewinding every video and starting them in one task keeps them in step.
 SYNC_SCRIPT = """<script>
 function playAllInSync(root) {
@@ -32,8 +34,16 @@ def _video(url: str, poster: str | None = None) -> str:
             f'preload="metadata" width="320"></video>')
 
 
-def render_grid(entries: list[dict], url: Callable[[str], str] = lambda key: key) -> str:
-    """The grid and its controls; `url` turns an output key into the link the page uses."""
+def weights_shown(ema: EmaSpec | None) -> str:
+    """Which adapter weights the validation videos show (spec.training.ema)."""
+    if ema is None:
+        return "the trained adapter weights (no EMA)"
+    return f"the EMA of the adapter weights (decay {ema.decay}, updated every {ema.every_steps} steps)"
+
+
+def render_grid(entries: list[dict], url: Callable[[str], str] = lambda key: key, weights: str | None = None) -> str:
+    """The grid and its controls; `url` turns an output key into the link the page uses; `weights`
+    (weights_shown) is said above it when known."""
     steps = sorted({e["step"] for e in entries})
     by_sample: dict[int, dict[int, dict]] = {}
     for entry in entries:
@@ -57,4 +67,5 @@ def render_grid(entries: list[dict], url: Callable[[str], str] = lambda key: key
                     f"<td>{start}</td><td>{clip}</td>{cells}</tr>")
     controls = ('<p><button type="button" id="play-all" onclick="playAllInSync()">play all in sync</button> '
                 '<button type="button" onclick="pauseAll()">pause</button></p>')
-    return f"{STYLE}{SYNC_SCRIPT}{controls}<table class=\"grid\"><tr>{head}</tr>{''.join(rows)}</table>"
+    said = f"<p id=\"weights\">The videos show {html.escape(weights)}.</p>" if weights else ""
+    return f"{STYLE}{SYNC_SCRIPT}{said}{controls}<table class=\"grid\"><tr>{head}</tr>{''.join(rows)}</table>"

@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from longcat_job.lora_files import PEFT_CONFIG, PEFT_WEIGHTS
 from longcat_job.storage import LocalStore, ObjectStore
+from longcat_job.validation_grid import weights_shown
 
 from . import pages
 from .jobs import Job, cluster_job, cluster_jobs, job_of_location, jobs_of_location
@@ -77,8 +78,10 @@ class Server:
         job = self.job(request.path_params["job_id"])
         if job is None:
             return PlainTextResponse("no such job here; see the list at /", status_code=404)
+        spec = job.spec()
         return HTMLResponse(pages.job_page(job.id, pages.summary(job.progress(), job.cluster_status),
-                                           job.validation_entries(), job.loras()))
+                                           job.validation_entries(), job.loras(),
+                                           weights_shown(spec.spec.training.ema) if spec else None))
 
     def loss(self, request: Request) -> Response:
         job = self.job(request.path_params["job_id"])

@@ -98,7 +98,7 @@ async function drawLoss(url, weight) {
 </script>"""
 
 
-def job_page(job_id: str, s: dict, entries: list[dict], loras: dict[str, list[str]]) -> str:
+def job_page(job_id: str, s: dict, entries: list[dict], loras: dict[str, list[str]], weights: str | None) -> str:
     facts = "".join(f"<tr><th>{label}</th><td id='{key}'>{html.escape(s[key])}</td></tr>" for key, label in
                     (("phase", "phase"), ("step", "step"), ("eta", "ETA"), ("restarts", "restarts"),
                      ("bad_samples", "bad samples")))
@@ -120,7 +120,7 @@ def job_page(job_id: str, s: dict, entries: list[dict], loras: dict[str, list[st
         "<div id='loss-chart' style='width:100%;max-width:1000px;height:420px'></div>"
         f"{CHART_SCRIPT}<script>drawLoss({json.dumps(job_url(job_id, '/loss.json'))}, 0.9);</script>"
         "<h2>validation</h2>"
-        f"{render_grid(entries, lambda key: file_url(job_id, key))}"
+        f"{render_grid(entries, lambda key: file_url(job_id, key), weights)}"
         f"<h2>LoRA files and checkpoints</h2><ul id='lora-files'>{files}</ul>"
     )
     return page(f"job {job_id}", body)

@@ -33,13 +33,6 @@ def _shard_like(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
     return whole
 
 
-def describe(spec: EmaSpec | None) -> str:
-    """Which weights the validation videos show, for index.html."""
-    if spec is None:
-        return "the trained adapter weights (no EMA)"
-    return f"the EMA of the adapter weights (decay {spec.decay}, updated every {spec.every_steps} steps)"
-
-
 class AdapterEMA:
     def __init__(self, model: nn.Module, spec: EmaSpec, device: torch.device) -> None:
         self.decay, self.every = spec.decay, spec.every_steps

@@ -40,9 +40,9 @@ from longcat_job.api import JobSpec
 from longcat_job.s3 import S3AccessError
 from longcat_job.sample_manifest import Manifest, ManifestSample, read_manifest
 from longcat_job.storage import ObjectStore, store_for
-from longcat_job.validation_grid import render_grid
+from longcat_job.validation_grid import render_grid, weights_shown
 
-from . import distributed, ema, media, official_lora
+from . import distributed, media, official_lora
 from .denoise import (
     DEFAULT_FPS,
     TextStates,
@@ -103,10 +103,10 @@ def render_index(entries: list[dict], title: str, weights: str) -> str:
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         "<style>body{font-family:sans-serif}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><p>The videos show {html.escape(weights)}.</p>"
+        f"<h1>{html.escape(title)}</h1>"
         f"<img src='{output_layout.LOSS_CURVE}' alt='loss curve (written at each checkpoint)' "
         "onerror=\"this.style.display='none'\">"
-        f"{render_grid(entries)}</body></html>"
+        f"{render_grid(entries, weights=weights)}</body></html>"
     )
 
 
@@ -215,7 +215,7 @@ class Validator:
         files = [gathered[index] for index in sorted(gathered)]
         if world.is_main and files:
             update_index(info.output, info.step, files, f"{info.job.metadata.name or 'job'}: validation",
-                         ema.describe(info.job.spec.training.ema))
+                         weights_shown(info.job.spec.training.ema))
         settings = settings_for(spec, self.shift)
         log.info("validation at step %d: %d videos (%s sampler, %d steps, guidance %s) in %.1fs", info.step,
                  len(files), settings.sampler, settings.steps, settings.guidance, time.monotonic() - started)
