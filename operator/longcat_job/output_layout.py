@@ -10,6 +10,7 @@
     validation/inputs/<i>-<stem>.<ext>    sample i's start frame and source clip, copied for the report
     validation/step-<N>/<i>-<stem>.mp4    sample i generated after step N (and its .png contact sheet)
     lora/<file>                           the final LoRA, one file per format (lora_files.FORMAT_FILES)
+    lora/ema/<file>                       the same of the adapters' EMA (training.ema), also in checkpoints
     checkpoints/step-<N>/                 a resumable checkpoint: state.pt and the LoRA files of that step
     checkpoints/latest                    which checkpoint a resumed run starts from
 """
@@ -26,6 +27,7 @@ VALIDATION = "validation"
 VALIDATION_INDEX = f"{VALIDATION}/index.json"
 VALIDATION_INPUTS = f"{VALIDATION}/inputs"
 LORA = "lora/"
+EMA = "ema/"  # under lora/ and each checkpoint
 CHECKPOINTS = "checkpoints/"
 LATEST_CHECKPOINT = CHECKPOINTS + "latest"
 CHECKPOINT_STATE = "state.pt"

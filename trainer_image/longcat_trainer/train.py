@@ -63,7 +63,6 @@ log = logging.getLogger(__name__)
 
 DATA_CACHE_ENV = "LONGCAT_DATA_CACHE"
 DATA_CACHE_BYTES = 20 << 30
-EMA_FOLDER = "ema/"
 
 
 @dataclass
@@ -297,7 +296,7 @@ class TrainingRun:
         if self.ema is not None:
             with self.ema.applied():
                 average = lora.lora_state(self.dit)
-            files |= {f"{EMA_FOLDER}{name}": data for name, data in lora.export_files(average, self.spec.lora).items()}
+            files |= {f"{output_layout.EMA}{name}": data for name, data in lora.export_files(average, self.spec.lora).items()}
         return files
 
     def info(self) -> StepInfo:
