@@ -45,6 +45,7 @@ from longcat_job.validation_grid import render_grid, weights_shown
 from . import distributed, media, official_lora
 from .denoise import (
     DEFAULT_FPS,
+    SamplerSettings,
     TextStates,
     initial_noise,
     latent_frames,
@@ -61,9 +62,6 @@ if TYPE_CHECKING:
     from .train import StepInfo
 
 log = logging.getLogger(__name__)
-
-step_prefix = output_layout.validation_step
-
 
 def choose_samples(spec: JobSpec, manifest: Manifest) -> list[tuple[str, ManifestSample]]:
     """(dataset id, sample) of the validation samples, in manifest order (the same at every step)."""
@@ -129,7 +127,7 @@ class Validator:
         self.samples: list[PreparedSample] | None = None
         self.negative: TextStates | None = None
         self.vae = None
-        self.shift = 0.0
+        self.settings = SamplerSettings()  # the spec's sampler, set by prepare
         self.every_rank = False
         self.uploads = True
         self.compile_reported = False
@@ -146,7 +144,9 @@ class Validator:
         mine = chosen if self.every_rank else chosen[world.data_parallel_rank :: world.data_parallel_size]
         self.uploads = world.is_main if self.every_rank else world.context_rank == 0
         dtype = info.model.x_embedder.proj.weight.dtype
-        self.shift = loading.load_scheduler(info.model_root).config.shift
+        # A split clip runs whole (context_parallel.py): the conditioning frame's cache would be one frame.
+        self.settings = replace(settings_for(spec.validation, loading.load_scheduler(info.model_root).config.shift),
+                                reuse_cond_kv=world.context_parallel == 1)
         if spec.validation.sampler == "distilled":
             self.distillation = official_lora.load(info.model_root, world.device, dtype)
         self.vae = loading.load_vae(info.model_root, dtype=torch.float32, device="cpu").eval()
@@ -178,8 +178,7 @@ class Validator:
             self.samples.append(PreparedSample(index, f"{dataset_id}/{sample.stem}", caption.strip(),
                                                clip_fps(store(dataset_id), sample.clip.key), latents, text(caption),
                                                inputs))
-        guided = settings_for(spec.validation, self.shift).guidance > 1
-        self.negative = text(spec.validation.negative_prompt) if guided else None
+        self.negative = text(spec.validation.negative_prompt) if self.settings.guidance > 1 else None
         self.vae.to("cpu")
         text_encoder = None  # `text` holds it in its closure: clearing it there frees the encoder's memory
         free_memory(world.device)
@@ -197,7 +196,7 @@ class Validator:
 
     def __call__(self, info: StepInfo) -> list[str]:
         started = time.monotonic()
-        dit, world, spec = info.model, info.world, info.job.spec.validation
+        dit, world = info.model, info.world
         was_training = dit.training
         dit.eval()
         try:
@@ -216,27 +215,25 @@ class Validator:
         if world.is_main and files:
             update_index(info.output, info.step, files, f"{info.job.metadata.name or 'job'}: validation",
                          weights_shown(info.job.spec.training.ema))
-        settings = settings_for(spec, self.shift)
         log.info("validation at step %d: %d videos (%s sampler, %d steps, guidance %s) in %.1fs", info.step,
-                 len(files), settings.sampler, settings.steps, settings.guidance, time.monotonic() - started)
+                 len(files), self.settings.sampler, self.settings.steps, self.settings.guidance,
+                 time.monotonic() - started)
         return [uri(info.output, f["mp4"]) for f in files]
 
     def run_one(self, info: StepInfo, sample: PreparedSample) -> dict:
         spec, device = info.job.spec.validation, info.world.device
         _, channels, _, h, w = sample.start_latents.shape
         noise = initial_noise((1, channels, latent_frames(spec.frames) - 1, h, w), spec.seed + sample.index)
-        # A split clip runs whole (context_parallel.py): the conditioning frame's cache would be one frame.
-        settings = replace(settings_for(spec, self.shift), reuse_cond_kv=info.world.context_parallel == 1)
         negative = None if self.negative is None else tuple(t.to(device) for t in self.negative)
         text = tuple(t.to(device) for t in sample.text)
         # The first video's first step compiles the sampler's graph (eval, no grad): reported once.
         on_step = report_first_step("validation") if not self.compile_reported else (lambda step: None)
         self.compile_reported = True
-        latents = sample_latents(info.model, sample.start_latents.to(device), text, negative, noise, settings,
+        latents = sample_latents(info.model, sample.start_latents.to(device), text, negative, noise, self.settings,
                                  on_step=on_step)
         self.vae.to(device)
         frames = to_uint8_frames(encode.decode_latents(self.vae, latents))
-        stem = f"{step_prefix(info.step)}/{sample.index:02d}-{PurePosixPath(sample.name).name}"
+        stem = f"{output_layout.validation_step(info.step)}/{sample.index:02d}-{PurePosixPath(sample.name).name}"
         if self.uploads:
             info.output.put_bytes(f"{stem}.mp4", media.mp4_bytes(frames, sample.fps), content_type="video/mp4")
             sheet = media.contact_sheet_png(frames, caption=sample.prompt, step=info.step)
