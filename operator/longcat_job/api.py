@@ -412,9 +412,11 @@ class DatasetSpec(ApiModel):
     )
 
 
-# validation.sampler's choices: `longcat-i2v sample --sampler` and the UI's preview form offer these.
+# validation.sampler's choices: `longcat-i2v sample --sampler` and the UI's preview form offer these; the
+# trainer's sampler (denoise.py) takes the same names.
 Sampler = Literal["standard", "distilled"]
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
+GuidanceMethod = Literal["cfg", "optimized"]
 
 
 class ValidationSpec(ApiModel):
@@ -428,7 +430,7 @@ class ValidationSpec(ApiModel):
     guidance: float = Field(
         4.0, ge=1, le=30, description="SimpleTuner validation_guidance; 1.0 turns classifier-free guidance off."
     )
-    guidance_method: Literal["cfg", "optimized"] = Field(
+    guidance_method: GuidanceMethod = Field(
         "cfg", description="`cfg` is classic guidance; `optimized` is the official pipeline's optimized scale."
     )
     sampler: Sampler = Field(

@@ -25,11 +25,15 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from longcat_job.api import ValidationSpec, latent_frames  # noqa: F401  (the callers of the sampler import latent_frames from here)
+from longcat_job.api import (  # noqa: F401  (the callers of the sampler import latent_frames from here)
+    GuidanceMethod,
+    Sampler,
+    ValidationSpec,
+    latent_frames,
+)
 from longcat_job.buckets import Bucket
 
 from . import flow
@@ -42,8 +46,6 @@ SIGMA_MAX, SIGMA_MIN = 1.0, 0.001  # the official schedule's end points (before 
 DISTILL_TIMESTEPS = 50  # the official pipeline's num_distill_sample_steps
 DISTILLED_STEPS = 16  # the official I2V demo's steps with the cfg-step LoRA
 DEFAULT_FPS = 16
-GuidanceMethod = Literal["cfg", "optimized"]
-Sampler = Literal["standard", "distilled"]
 TextStates = tuple[torch.Tensor, torch.Tensor]  # states [1, 1, M, D], mask [1, M]
 
 

@@ -7,11 +7,12 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import get_args
 
 import torch
 from pydantic import ValidationError
 
-from longcat_job.api import SAMPLERS, ValidationSpec
+from longcat_job.api import SAMPLERS, GuidanceMethod, ValidationSpec
 
 from .. import media
 from ..data.video import BadSampleError
@@ -36,7 +37,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--resolution", default="480x832", help="HEIGHTxWIDTH")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--guidance-method", choices=["cfg", "optimized"], default="cfg")
+    parser.add_argument("--guidance-method", choices=get_args(GuidanceMethod), default="cfg")
     parser.add_argument("--sampler", choices=SAMPLERS, default="standard",
                         help="distilled: the checkpoint's cfg-step LoRA, 16 steps, no guidance (ignores --steps, --guidance)")
     parser.add_argument("--seed", type=int, default=42)
