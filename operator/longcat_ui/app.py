@@ -12,6 +12,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -62,6 +63,13 @@ class Server:
             return cluster_job(self.custom_objects, job_id)
         return job_of_location(self.output, job_id) if self.output is not None else None
 
+    def job_of(self, request: Request) -> Job:
+        """The job the route's path names; a 404 page when this server has no such job."""
+        job = self.job(request.path_params["job_id"])
+        if job is None:
+            raise HTTPException(404, "no such job here; see the list at /")
+        return job
+
     def model_of(self, job: Job) -> str | None:
         spec = job.spec()
         return self.model or (spec.spec.model.source if spec else None)
@@ -75,31 +83,23 @@ class Server:
         return HTMLResponse(pages.job_list(rows, notes))
 
     def job_page(self, request: Request) -> Response:
-        job = self.job(request.path_params["job_id"])
-        if job is None:
-            return PlainTextResponse("no such job here; see the list at /", status_code=404)
+        job = self.job_of(request)
         spec = job.spec()
         return HTMLResponse(pages.job_page(job.id, pages.summary(job.progress(), job.cluster_status),
                                            job.validation_entries(), job.loras(),
                                            weights_shown(spec.spec.training.ema) if spec else None))
 
     def loss(self, request: Request) -> Response:
-        job = self.job(request.path_params["job_id"])
-        if job is None:
-            return PlainTextResponse("no such job", status_code=404)
+        job = self.job_of(request)
         return Response(job.loss().to_json(), media_type="application/json")
 
     def file(self, request: Request) -> Response:
-        job = self.job(request.path_params["job_id"])
-        if job is None:
-            return PlainTextResponse("no such job", status_code=404)
+        job = self.job_of(request)
         return object_response(job.store, request.path_params["key"], request,
                                download="download" in request.query_params)
 
     def preview_page(self, request: Request) -> Response:
-        job = self.job(request.path_params["job_id"])
-        if job is None:
-            return PlainTextResponse("no such job", status_code=404)
+        job = self.job_of(request)
         return HTMLResponse(pages.preview_page(job.id, job.validation(), job.loras(), job.start_frames(),
                                                self.unavailable(self.model_of(job))))
 
