@@ -24,9 +24,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from longcat_job.failures import InvalidConfigError
+from longcat_job.lora_files import official_module
 from longcat_job.model_source import CFG_STEP_LORA
 
-from .lora import OFFICIAL_HYPHEN, OFFICIAL_PREFIX
 
 MULTIPLIER = 1.0  # the official demo's load_lora default
 
@@ -58,8 +58,8 @@ def parse(state: dict[str, torch.Tensor], multiplier: float = MULTIPLIER) -> Off
         ups = [state[k] for k in sorted((k for k in state if k.startswith(f"{name}.lora_up.blocks.")),
                                         key=lambda k: int(k.rsplit(".", 2)[1]))] or [state[f"{name}.lora_up.weight"]]
         alpha_scale = float(state[f"{name}.alpha_scale"]) if f"{name}.alpha_scale" in state else 1.0
-        module = name.removeprefix(OFFICIAL_PREFIX).replace(OFFICIAL_HYPHEN, ".")
-        lora[module] = OfficialLoraFactor(state[f"{name}.lora_down.weight"], tuple(ups), multiplier * alpha_scale)
+        lora[official_module(name)] = OfficialLoraFactor(state[f"{name}.lora_down.weight"], tuple(ups),
+                                                         multiplier * alpha_scale)
     return lora
 
 
